@@ -1,0 +1,5 @@
+import sys
+
+from gtzan_mlops.cli import main
+
+sys.exit(main())

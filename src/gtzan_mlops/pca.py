@@ -1,0 +1,84 @@
+"""The `pca` stage: a 2-D PCA scatter of the standardised 30 s features, coloured by genre.
+
+Writes the projected points as DVC plot data (`dvc plots show` draws them with the scatter
+template) and the same scatter as a PNG, plus the explained variance of the two components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+
+from gtzan_mlops.config import find_repo_root, load_params, resolve_path
+from gtzan_mlops.features import feature_names
+
+
+def project(features: pd.DataFrame, n_mfcc: int, seed: int) -> tuple[pd.DataFrame, list[float]]:
+    """Track id, genre and the first two principal components of each clip; explained ratios."""
+    if len(features) < 2:
+        raise ValueError(f"PCA needs at least 2 clips, got {len(features)}")
+    values = StandardScaler().fit_transform(features[list(feature_names(n_mfcc))])
+    pca = PCA(n_components=2, random_state=seed)
+    components = pca.fit_transform(values)
+    points = pd.DataFrame(
+        {
+            "track_id": features["track_id"],
+            "genre": features["genre"],
+            "pc1": components[:, 0],
+            "pc2": components[:, 1],
+        }
+    )
+    return points, [float(ratio) for ratio in pca.explained_variance_ratio_]
+
+
+def scatter_png(
+    points: pd.DataFrame, explained: list[float], genres: list[str], path: Path
+) -> None:
+    # A bare Figure renders without pyplot's global state or a display backend.
+    figure = Figure(figsize=(8, 6), dpi=100)
+    axes = figure.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for index, genre in enumerate(genres):
+        chosen = points[points["genre"] == genre]
+        axes.scatter(chosen["pc1"], chosen["pc2"], s=18, color=colours(index % 10), label=genre)
+    axes.set_xlabel(f"PC1 ({explained[0]:.1%} of variance)")
+    axes.set_ylabel(f"PC2 ({explained[1]:.1%} of variance)")
+    axes.set_title(f"PCA of the 30 s features ({len(points)} clips)")
+    axes.legend(loc="best", fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    stage = params.get("pca", {})
+    table = resolve_path(stage.get("input", "data/features/features_30_sec.csv"), root)
+    output_dir = resolve_path(stage.get("output_dir", "reports/pca"), root)
+    features = pd.read_csv(table)
+    points, explained = project(
+        features, int(params["features"]["n_mfcc"]), int(stage.get("seed", 0))
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    points.to_csv(output_dir / "pca_30_sec.csv", index=False)
+    scatter_png(points, explained, list(params["genres"]), output_dir / "pca_30_sec.png")
+    summary = {"clips": len(points), "explained_variance_ratio": explained}
+    (output_dir / "pca_30_sec.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gtzan-mlops pca", description=__doc__)
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: repo root's)"
+    )
+    args = parser.parse_args(argv)
+    root = args.params.resolve().parent if args.params else find_repo_root()
+    print(json.dumps(run(load_params(args.params or root / "params.yaml"), root)))
+    return 0
