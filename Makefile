@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup pipeline test lint format benchmark mlflow-ui clean-venv
+.PHONY: setup pipeline test lint format benchmark benchmark-serve mlflow-ui clean-venv
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
@@ -41,6 +41,11 @@ format: setup
 
 benchmark: setup
 	python benchmarks/extract.py
+
+# The served champion's latency (p50/p95 per 30 s clip) and memory; no champion yet:
+#   make benchmark-serve SERVE_ARGS=--build-demo-champion
+benchmark-serve: setup
+	python benchmarks/serve.py $(SERVE_ARGS)
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) --host 127.0.0.1 --port 5000

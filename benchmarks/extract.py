@@ -198,6 +198,17 @@ def main() -> None:
     print(f"\nratio 2/1 (speed-up, one process): {naive / project:.2f}x")
     print(f"ratio 3/1 (speed-up, pool):        {naive / pool:.2f}x")
     print(f"pool scaling 3 vs 2:               {project / pool:.2f}x on {args.workers} processes")
+    # The pool's start-up (spawning workers, importing librosa, numba compiling) is a fixed cost
+    # inside its timing: the difference between the all-clips and half-clips runs removes it.
+    extra_clips = runs["pool"]["clips"] - half["clips"]
+    if extra_clips > 0:
+        pool_per_clip = (runs["pool"]["seconds"] - half["seconds"]) / extra_clips
+        project_per_clip = project / runs["project"]["clips"]
+        print(
+            f"pool scaling, steady state:        {project_per_clip / pool_per_clip:.2f}x "
+            f"({pool_per_clip:.2f} s per extra clip vs {project_per_clip:.2f} s in one process; "
+            f"start-up {runs['pool']['seconds'] - runs['pool']['clips'] * pool_per_clip:.1f} s)"
+        )
     peaks = f"{half['peak_mib']:.0f} MiB vs {runs['pool']['peak_mib']:.0f} MiB"
     print(f"peak memory, pool, half vs all clips: {peaks}")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow_helpers import sqlite_store
 
 from gtzan_mlops import pca
 from gtzan_mlops.features import FEATURE_NAMES
@@ -36,7 +38,15 @@ def test_pca_stage_writes_plot_data_png_and_summary(tmp_path):
     table.parent.mkdir(parents=True)
     _synthetic_clip_table().to_csv(table, index=False)
     params = {"genres": GENRES, "features": {"n_mfcc": 20}, "pca": {"seed": 0}}
-    summary = pca.run(params, tmp_path)
+    with sqlite_store(tmp_path / "store"):
+        summary = pca.run(params, tmp_path)
+        # The same scatter is an artifact of a `pca` run beside the training runs.
+        runs = mlflow.search_runs(
+            search_all_experiments=True, filter_string="tags.`gtzan.stage` = 'pca'"
+        )
+        assert len(runs) == 1
+        artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.run_id[0])}
+        assert artifacts == {"pca_30_sec.png", "pca_30_sec.csv"}
 
     points = pd.read_csv(tmp_path / "reports/pca/pca_30_sec.csv")
     assert points.columns.tolist() == ["track_id", "genre", "pc1", "pc2"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def _decode(source: str | os.PathLike[str] | bytes, name: str) -> tuple[np.ndarr
 
 
 def inspect_audio(path: str | os.PathLike[str]) -> AudioInfo:
-    """Decode a whole file (which catches truncated data) and describe it."""
+    """Decode a whole file (which catches corrupt data) and describe it.
+
+    A WAV or AU file cut short still decodes, to the frames present: see `find_truncation`.
+    """
     samples, sample_rate = _decode(path, str(path))
     return AudioInfo(
         duration_s=samples.shape[0] / sample_rate,
@@ -66,6 +70,78 @@ def inspect_audio(path: str | os.PathLike[str]) -> AudioInfo:
         frames=samples.shape[0],
         peak=float(np.max(np.abs(samples))),
     )
+
+
+# Bytes per sample of the AU encodings GTZAN and common tools write (Sun/NeXT encoding codes).
+_AU_SAMPLE_BYTES = {1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 4, 7: 8, 27: 1}
+# A header's data size meaning "unknown length" (streamed writers): nothing to compare against.
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A file holding fewer audio frames than its header promises."""
+
+    promised_frames: int
+    held_frames: int
+
+
+def _wav_data_extent(handle: io.BufferedReader) -> tuple[int, int, int] | None:
+    """(data offset, promised data bytes, bytes per frame) from a RIFF/WAVE header."""
+    head = handle.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    frame_bytes = 0
+    while True:
+        chunk = handle.read(8)
+        if len(chunk) < 8:
+            return None  # no data chunk: cut inside the header, which decoding reports
+        chunk_id, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if chunk_id == b"data":
+            return (handle.tell(), size, frame_bytes) if frame_bytes else None
+        if chunk_id == b"fmt ":
+            fmt = handle.read(min(size, 16))
+            if len(fmt) < 14:
+                return None
+            frame_bytes = struct.unpack("<H", fmt[12:14])[0]  # block align
+            handle.seek(size - len(fmt) + (size & 1), io.SEEK_CUR)
+        else:
+            handle.seek(size + (size & 1), io.SEEK_CUR)  # chunks are padded to even sizes
+
+
+def _au_data_extent(handle: io.BufferedReader) -> tuple[int, int, int] | None:
+    """(data offset, promised data bytes, bytes per frame) from a Sun/NeXT .au header."""
+    head = handle.read(24)
+    if len(head) < 24 or head[:4] not in (b".snd", b"dns."):
+        return None
+    order = ">" if head[:4] == b".snd" else "<"
+    offset, size, encoding, _, channels = struct.unpack(f"{order}5I", head[4:24])
+    sample_bytes = _AU_SAMPLE_BYTES.get(encoding)
+    if sample_bytes is None or channels == 0:
+        return None
+    return offset, size, sample_bytes * channels
+
+
+def find_truncation(path: str | os.PathLike[str]) -> Truncation | None:
+    """The shortfall of a WAV or AU file cut short (e.g. by an interrupted copy), else None.
+
+    libsndfile reads such a file without an error and returns only the frames present (its log
+    merely notes the header's size "should be" smaller), so decoding alone cannot tell a clip cut
+    at 12 s from a 12 s clip. The header's data size is compared with the bytes on disk instead.
+    Other formats, and headers declaring an unknown length, are not checked (None).
+    """
+    with open(path, "rb") as handle:
+        extent = _wav_data_extent(handle)
+        if extent is None:
+            handle.seek(0)
+            extent = _au_data_extent(handle)
+        if extent is None:
+            return None
+        offset, promised_bytes, frame_bytes = extent
+        held_bytes = max(0, os.fstat(handle.fileno()).st_size - offset)
+    if promised_bytes in (0, _UNKNOWN_SIZE) or held_bytes >= promised_bytes:
+        return None
+    return Truncation(promised_bytes // frame_bytes, held_bytes // frame_bytes)
 
 
 def load_waveform(

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
+import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 # Each command is a module with `main(argv) -> int`; imported on demand so that a light command
 # (fetch, predict) does not pay for TensorFlow's import.
@@ -42,3 +48,39 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def stage_main(
+    name: str,
+    description: str | None,
+    run: Callable[[dict[str, Any], Path, argparse.Namespace], Any],
+    argv: list[str] | None,
+    *,
+    errors: tuple[type[Exception], ...] = (),
+    describe: Callable[[Any], str] = json.dumps,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line of a stage: parse its options (`arguments`, then --params and --set),
+    run it, print `describe(result)`; a ConfigError, a missing file or one of `errors` ends it
+    with its message on stderr and exit status 1, without a traceback."""
+    from gtzan_mlops.config import ConfigError, add_stage_arguments, stage_params
+
+    parser = argparse.ArgumentParser(
+        prog=f"gtzan-mlops {name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if arguments is not None:
+        arguments(parser)
+    add_stage_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params, root = stage_params(args)
+        result = run(params, root, args)
+    except (ConfigError, FileNotFoundError, *errors) as error:
+        print(f"gtzan-mlops {name}: {error}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(describe(result))
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,51 @@ def resolve_path(path: str | os.PathLike[str], root: Path | None = None) -> Path
     if candidate.is_absolute():
         return candidate
     return ((root or find_repo_root()) / candidate).resolve()
+
+
+def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """params with `a.b=value` assignments applied (values parsed as YAML: `3`, `0.5`, `null`,
+    `[a, b]`); an unknown key is an error, so a typo never passes silently."""
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+        *parents, last = key.split(".")
+        node = section(params, ".".join(parents)) if parents else params
+        if not isinstance(node, dict) or last not in node:
+            raise ConfigError(f"{PARAMS_FILE}: no setting '{key}' to override")
+        node[last] = yaml.safe_load(text)
+    return params
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage command takes: which params.yaml, and one-off overrides."""
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: the repository's)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of params.yaml for this run only, e.g. --set split.seed=1 "
+        "(for runs outside DVC, such as `mlflow run`; DVC users change params.yaml or use "
+        "`dvc exp run -S`)",
+    )
+
+
+def stage_params(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """The params (overrides applied) and the repository root a stage command runs against."""
+    root = args.params.resolve().parent if args.params else find_repo_root()
+    params = load_params(args.params or root / PARAMS_FILE)
+    return apply_overrides(params, args.overrides), root
+
+
+def stage_arguments(args: argparse.Namespace) -> list[str]:
+    """The --params and --set options of a parsed stage command, to hand on to a sub-process."""
+    root = args.params.resolve().parent if args.params else find_repo_root()
+    forwarded = ["--params", str((args.params or root / PARAMS_FILE).resolve())]
+    for assignment in args.overrides:
+        forwarded += ["--set", assignment]
+    return forwarded

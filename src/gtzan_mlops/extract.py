@@ -8,7 +8,6 @@ in `failures.csv` and skipped; the stage still writes the tables of the others.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -25,7 +24,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from gtzan_mlops.audio import AudioError, load_waveform
-from gtzan_mlops.config import find_repo_root, load_params, resolve_path
+from gtzan_mlops.cli import stage_main
+from gtzan_mlops.config import resolve_path
 from gtzan_mlops.features import (
     ClipFeatures,
     FeatureError,
@@ -226,18 +226,4 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gtzan-mlops features", description=__doc__)
-    parser.add_argument(
-        "--params", type=Path, default=None, help="params.yaml (default: repo root's)"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = args.params.resolve().parent if args.params else find_repo_root()
-    params = load_params(args.params or root / "params.yaml")
-    try:
-        counts = run(params, root)
-    except FileNotFoundError as error:
-        log.error("%s", error)
-        return 1
-    print(json.dumps(counts))
-    return 0
+    return stage_main("features", __doc__, lambda params, root, _: run(params, root), argv)

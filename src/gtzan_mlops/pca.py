@@ -6,7 +6,6 @@ template) and the same scatter as a PNG, plus the explained variance of the two 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from gtzan_mlops.config import find_repo_root, load_params, resolve_path
+from gtzan_mlops import tracking
+from gtzan_mlops.cli import stage_main
+from gtzan_mlops.config import resolve_path
 from gtzan_mlops.features import feature_names
 
 
@@ -70,15 +71,20 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     scatter_png(points, explained, list(params["genres"]), output_dir / "pca_30_sec.png")
     summary = {"clips": len(points), "explained_variance_ratio": explained}
     (output_dir / "pca_30_sec.json").write_text(json.dumps(summary, indent=2) + "\n")
+    tracking.use_store(root)
+    tracking.log_stage_run(
+        root,
+        tracking.experiment_name(params),
+        stage="pca",
+        run_name="pca [30 s features]",
+        params={"seed": int(stage.get("seed", 0)), "clips": len(points)},
+        metrics={"pc1_explained": explained[0], "pc2_explained": explained[1]},
+        artifacts=[output_dir / "pca_30_sec.png", output_dir / "pca_30_sec.csv"],
+    )
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gtzan-mlops pca", description=__doc__)
-    parser.add_argument(
-        "--params", type=Path, default=None, help="params.yaml (default: repo root's)"
+    return stage_main(
+        "pca", __doc__, lambda params, root, _: run(params, root), argv, errors=(ValueError,)
     )
-    args = parser.parse_args(argv)
-    root = args.params.resolve().parent if args.params else find_repo_root()
-    print(json.dumps(run(load_params(args.params or root / "params.yaml"), root)))
-    return 0

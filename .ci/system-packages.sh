@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# System packages the integration tests need: Chromium (+ its WebDriver) for the MLflow UI test,
+# PostgreSQL for the scale-out test. Idempotent: installs only what is missing, and refreshes
+# the apt index only when something must be installed. Runs as root (CI) or through sudo.
+set -euo pipefail
+
+# fonts-dejavu-core: headless Chromium renders text (and readable screenshots) only with a font.
+packages=(chromium chromium-driver postgresql fonts-dejavu-core)
+
+missing=()
+for package in "${packages[@]}"; do
+    status=$(dpkg-query --show --showformat='${db:Status-Status}' "$package" 2>/dev/null || true)
+    if [[ "$status" != "installed" ]]; then
+        missing+=("$package")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "system packages: all present (${packages[*]})"
+    exit 0
+fi
+
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+fi
+
+echo "system packages: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# An index is needed on a fresh machine (empty /var/lib/apt/lists); a failed install with a stale
+# index is retried once after a refresh.
+if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
+    "${sudo[@]}" apt-get update -qq
+fi
+install=("${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}")
+if ! "${install[@]}"; then
+    "${sudo[@]}" apt-get update -qq
+    "${install[@]}"
+fi

@@ -1,0 +1,419 @@
+"""The `promote` stage: register the evaluated winner and move the `champion` alias if it earns it.
+
+The winner of the evaluate stage (`reports/evaluate/evaluation.json`) is logged as the serving
+model (serving.py: a pyfunc that takes raw audio) and registered as a new version of
+`promote.model_name`, tagged with the split, the data fingerprints, the git commit and its test
+metric. The alias `champion` moves to it only
+when it beats the current champion on the same test data:
+
+- no champion yet: promoted;
+- the champion's tags show the same split file and the same features (sha256): the champion is
+  loaded and scored again on the current test set (its stored number is not trusted), and the
+  challenger is promoted only if it is better by more than zero and by at least
+  `promote.min_improvement`;
+- the champion was evaluated on another split or feature version: the numbers are not
+  comparable, so nothing is compared. With `promote.on_data_change: keep` (the default) the
+  champion stays and the new version is registered with the reason; with `replace` the new
+  version becomes champion (for when the split or the features changed on purpose).
+
+The decision and its reason go to `reports/promote/promotion.json` (the key numbers to the DVC
+metrics file `metrics/promotion.json`) and to the version's tags and description. Registry
+stages (deprecated) are never used: only aliases and tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gtzan_mlops.cli import stage_main
+from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.evaluate import (
+    EvaluationError,
+    TestData,
+    load_family_record,
+    load_test_data,
+    score_classifier,
+    split_label,
+)
+from gtzan_mlops.features import FeatureSettings
+
+log = logging.getLogger(__name__)
+
+CHAMPION_ALIAS = "champion"
+ON_DATA_CHANGE = ("keep", "replace")
+DIFFERENT_DATA = "champion evaluated on different data"
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """Which test data a score belongs to: the split file and the features table, by sha256."""
+
+    split_sha256: str
+    features_sha256: str
+
+
+@dataclass(frozen=True)
+class ChampionEvidence:
+    """The current champion: the data its tags say it was evaluated on, and (only when that is
+    the current data) its score recomputed on the current test set."""
+
+    version: str
+    data: DataVersion
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    improvement: float | None = None
+
+
+def decide_promotion(
+    challenger_value: float,
+    champion: ChampionEvidence | None,
+    current_data: DataVersion,
+    min_improvement: float,
+    on_data_change: str = "keep",
+) -> Decision:
+    """Whether the challenger (scored on `current_data`) takes the champion alias.
+
+    `current_data` is the test data as the champion would see it (its level's features table).
+    Pure: no registry access, so every branch is tested directly.
+    """
+    if on_data_change not in ON_DATA_CHANGE:
+        raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
+    if min_improvement < 0:
+        raise ConfigError("promote.min_improvement must not be negative")
+    if champion is None:
+        return Decision(True, "first model: there was no champion yet")
+    if champion.data != current_data:
+        changed = [
+            name
+            for name, then, now in (
+                ("split", champion.data.split_sha256, current_data.split_sha256),
+                ("features", champion.data.features_sha256, current_data.features_sha256),
+            )
+            if then != now
+        ]
+        reason = (
+            f"{DIFFERENT_DATA} (champion version {champion.version}: {' and '.join(changed)} "
+            "changed since), so the scores are not compared"
+        )
+        if on_data_change == "replace":
+            return Decision(True, f"{reason}; promote.on_data_change=replace: promoted")
+        return Decision(
+            False,
+            f"{reason}; promote.on_data_change=keep: champion kept (set it to replace, or move "
+            "the alias by hand, to promote this version)",
+        )
+    if champion.value is None:
+        raise ValueError("a champion on the current data must come with its recomputed score")
+    improvement = challenger_value - champion.value
+    if improvement > 0 and improvement >= min_improvement:
+        return Decision(
+            True,
+            f"better than champion version {champion.version} by {improvement:.4f} "
+            f"(>= min_improvement {min_improvement:g}) on the same test data",
+            improvement,
+        )
+    return Decision(
+        False,
+        f"not better than champion version {champion.version} by more than 0 and at least "
+        f"min_improvement {min_improvement:g} on the same test data (difference "
+        f"{improvement:+.4f}); champion kept",
+        improvement,
+    )
+
+
+def serving_settings(params: dict[str, Any], record: dict[str, Any]) -> FeatureSettings:
+    """The feature settings stored with the served model: params' `features`, which must agree
+    with what the winner was trained on (its record), or serving would compute other features."""
+    settings = FeatureSettings.from_params(params)
+    current = settings.to_dict()
+    trained = record.get("feature_settings", {})
+    differing = {
+        key: (value, current[key])
+        for key, value in trained.items()
+        if key in current and current[key] != value
+    }
+    if differing:
+        raise EvaluationError(
+            f"{record['family']}: trained with feature settings that differ from params.yaml "
+            f"(trained, now): {differing}; rerun the pipeline"
+        )
+    return settings
+
+
+def current_champion(client: Any, model_name: str) -> Any | None:
+    """The model version holding the champion alias, or None (no model or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException as error:
+        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+
+
+def rescore_version(model_name: str, version: str, metric: str, data: TestData) -> float:
+    """Load a registered serving model and score its classifier on the current test set."""
+    import mlflow
+
+    served = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").unwrap_python_model()
+    spec = served.spec
+    evaluation = score_classifier(
+        served.classifier,
+        spec.level,
+        list(spec.classes),
+        spec.settings.n_mfcc,
+        data.rows(spec.level),
+        family=f"{model_name} version {version}",
+    )
+    return float(evaluation.metrics[metric])
+
+
+def version_tags(
+    record: dict[str, Any],
+    evaluation: dict[str, Any],
+    data: TestData,
+    metric: str,
+    git_commit: str | None,
+) -> dict[str, str]:
+    family = record["family"]
+    level = record["level"]
+    return {
+        "family": family,
+        "flavor": record["flavor"],
+        "level": level,
+        "split": split_label(data.summary),
+        "split_strategy": str(data.summary.get("strategy")),
+        "leaky": str(bool(data.summary.get("leaky", False))).lower(),
+        "split_sha256": data.split_sha256,
+        "features_sha256": data.features_sha256[level],
+        "git_commit": git_commit or "unknown",
+        "metric_name": metric,
+        "metric_value": f"{evaluation['families'][family][metric]:.6f}",
+        "classifier_uri": record["model_uri"],
+        "training_run_id": str(record.get("run_id")),
+    }
+
+
+@dataclass(frozen=True)
+class PromotionSettings:
+    """The `promote` and `serving` sections of params.yaml."""
+
+    model_name: str = "gtzan-genre-classifier"
+    min_improvement: float = 0.0
+    on_data_change: str = "keep"
+    experiment_name: str | None = None
+    max_upload_mb: float = 50.0
+    allow_audio_path: bool = True
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
+        stage, serve = params.get("promote", {}), params.get("serving", {})
+        settings = cls(
+            model_name=str(stage.get("model_name", cls.model_name)),
+            min_improvement=float(stage.get("min_improvement", cls.min_improvement)),
+            on_data_change=str(stage.get("on_data_change", cls.on_data_change)),
+            experiment_name=stage.get("experiment_name"),
+            max_upload_mb=float(serve.get("max_upload_mb", cls.max_upload_mb)),
+            allow_audio_path=bool(serve.get("allow_audio_path", cls.allow_audio_path)),
+        )
+        if settings.on_data_change not in ON_DATA_CHANGE:
+            raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
+        if settings.min_improvement < 0:
+            raise ConfigError("promote.min_improvement must not be negative")
+        return settings
+
+
+def promote_winner(
+    evaluation: dict[str, Any],
+    record: dict[str, Any],
+    data: TestData,
+    feature_settings: FeatureSettings,
+    settings: PromotionSettings,
+    git_commit: str | None = None,
+) -> dict[str, Any]:
+    """Register the evaluated winner (its training `record`) as a new serving-model version and
+    move the champion alias if `decide_promotion` says so; returns the promotion summary.
+
+    Uses the active MLflow tracking store and registry.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from gtzan_mlops import serving, tracking
+
+    client = MlflowClient()
+    name = settings.model_name
+    winner, metric = evaluation["winner"], evaluation["selection_metric"]
+    if record["family"] != winner:
+        raise EvaluationError(f"the record is of {record['family']}, the winner is {winner}")
+    challenger_value = float(evaluation["families"][winner][metric])
+    summary: dict[str, Any] = {
+        "model_name": name,
+        "split": split_label(data.summary),
+        "leaky": bool(data.summary.get("leaky", False)),
+        "family": winner,
+        "metric": metric,
+        "challenger_value": challenger_value,
+        "model_uri": f"models:/{name}@{CHAMPION_ALIAS}",
+    }
+
+    held_by = current_champion(client, name)
+    if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
+        # A rerun with the same winner: registering it again would only add a duplicate.
+        reason = f"the winner is already the champion (version {held_by.version})"
+        return {
+            **summary,
+            "version": int(held_by.version),
+            "promoted": False,
+            "reason": reason,
+            "champion_version": int(held_by.version),
+        }
+
+    champion: ChampionEvidence | None = None
+    current_data = DataVersion(data.split_sha256, data.features_sha256[record["level"]])
+    if held_by is not None:
+        # The champion is compared on the data it would see now: its own level's features.
+        level = held_by.tags.get("level", record["level"])
+        current_data = DataVersion(data.split_sha256, data.features_sha256.get(level, ""))
+        then = DataVersion(
+            held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
+        )
+        champion = ChampionEvidence(
+            version=held_by.version,
+            data=then,
+            value=rescore_version(name, held_by.version, metric, data)
+            if then == current_data
+            else None,
+        )
+    decision = decide_promotion(
+        challenger_value, champion, current_data, settings.min_improvement, settings.on_data_change
+    )
+
+    # The new version is registered whatever the decision, so every evaluated winner can be
+    # found (and promoted by hand) with the reason it was or was not promoted.
+    launched = tracking.launched_run_id()  # `mlflow run . -e promote`: log into its run
+    if launched:
+        experiment_id = None
+    elif settings.experiment_name:
+        experiment_id = tracking.ensure_experiment(settings.experiment_name)
+    else:
+        experiment_id = record.get("experiment_id")
+    spec = serving.ServingSpec(
+        family=winner,
+        flavor=record["flavor"],
+        level=record["level"],
+        classes=tuple(record["classes"]),
+        feature_settings=feature_settings.to_dict(),
+    )
+    tags = version_tags(record, evaluation, data, metric, git_commit)
+    with mlflow.start_run(
+        run_id=launched,
+        experiment_id=experiment_id,
+        run_name=f"serving-{winner}",
+        tags={"gtzan.stage": "promote", **tags},
+    ):
+        model_info = serving.log_serving_model(
+            spec,
+            record["model_uri"],
+            max_upload_mb=settings.max_upload_mb,
+            allow_audio_path=settings.allow_audio_path,
+        )
+        mlflow.log_metric(metric, challenger_value)
+    tags["promotion"] = "promoted" if decision.promote else "not promoted"
+    tags["promotion_reason"] = decision.reason
+    version = mlflow.register_model(model_info.model_uri, name, tags=tags)
+    client.update_model_version(name, version.version, description=decision.reason)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+
+    return {
+        **summary,
+        "version": int(version.version),
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "previous_champion_version": int(champion.version) if champion else None,
+        "previous_champion_value": champion.value if champion else None,
+        "improvement": decision.improvement,
+        "min_improvement": settings.min_improvement,
+        "on_data_change": settings.on_data_change,
+        "champion_version": int(version.version)
+        if decision.promote
+        else (int(champion.version) if champion else None),
+    }
+
+
+def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The stage: promote the evaluated winner, write the decision and its key metrics."""
+    from gtzan_mlops import tracking
+    from gtzan_mlops.evaluate import EVALUATION_FILE
+
+    settings = PromotionSettings.from_params(params)
+    stage = params.get("promote", {})
+    evaluate_stage = params.get("evaluate", {})
+    evaluate_path = (
+        resolve_path(evaluate_stage.get("reports_dir", "reports/evaluate"), root) / EVALUATION_FILE
+    )
+    records_dir = resolve_path(evaluate_stage.get("records_dir", "data/train"), root)
+    output = resolve_path(stage.get("reports_dir", "reports/promote"), root) / "promotion.json"
+    metrics_path = resolve_path(stage.get("metrics", "metrics/promotion.json"), root)
+    try:
+        evaluation = json.loads(evaluate_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise EvaluationError(f"{evaluate_path}: no such file (run the evaluate stage)") from error
+    record = load_family_record(records_dir / f"{evaluation['winner']}.json")
+    feature_settings = serving_settings(params, record)
+
+    tracking.use_store(root)
+    summary = promote_winner(
+        evaluation,
+        record,
+        load_test_data(params, root),
+        feature_settings,
+        settings,
+        git_commit=tracking.git_commit(root),
+    )
+    for path, content in ((output, summary), (metrics_path, key_metrics(summary))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, indent=2) + "\n")
+    return summary
+
+
+def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of the stage: what was decided, for which version, on which split."""
+    return {
+        "split": summary["split"],
+        "family": summary["family"],
+        "version": summary["version"],
+        "promoted": summary["promoted"],
+        "champion_version": summary["champion_version"],
+        summary["metric"]: summary["challenger_value"],
+    }
+
+
+def describe(summary: dict[str, Any]) -> str:
+    verdict = "promoted to champion" if summary["promoted"] else "registered, not promoted"
+    return (
+        f"{summary['model_name']} version {summary['version']} ({summary['family']}): "
+        f"{verdict}: {summary['reason']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "promote",
+        __doc__,
+        lambda params, root, _: run(params, root),
+        argv,
+        errors=(EvaluationError,),
+        describe=describe,
+    )

@@ -1,0 +1,822 @@
+"""`gtzan-mlops report`: the source study's accuracy table, reproduced and honestly split.
+
+The source study's models (each family at its published settings: `train.<family>.defaults`
+completed by the fixed values of `train.<family>.space`, no tuning) are trained under several
+protocols. Their test accuracies go into one table beside the published ones, so the cost of
+leakage is visible at a glance:
+
+- `published`: the source study's 30 s accuracies, as published (`report.published`);
+- `clip_stratified`: the 30 s reference table (all GTZAN clips), whole clips split 70/30
+  stratified by genre: the source study's protocol. Each seed draws the split and seeds the model;
+- `artist_filtered`: the same table on the artist-filtered lists of Kereliuk, Sturm and Larsen
+  (train on train + valid, test on test); the lists are fixed, the seeds only seed the model;
+- `random_segments` (LEAKY): the 3 s segment table, segments split 70/30 at random, so segments
+  of one song sit on both sides; segment accuracy. Only here to reproduce the usual numbers;
+- `song_grouped`: the 3 s segment table, songs split 70/30; segment accuracy and song-vote
+  accuracy (segment probabilities averaged per song, as the served model votes).
+
+Models train on everything that is not test: nothing is tuned, Keras networks train exactly
+`epochs` epochs and XGBoost exactly `n_estimators` rounds. A protocol whose input is missing (no
+segment table, no listed clip in the reference table, lists that cannot be read or downloaded)
+is skipped and its reason printed and written into the report.
+
+Outputs in `report.output_dir` (default reports/reproduction):
+- `reproduction.csv`: tidy, one row per family, protocol and metric: family, protocol, split
+  (its label; the leaky one says so), leaky, data, n_train, n_test (rows at the model's level:
+  clips or segments), metric, mean, std (sample std over the seeds; empty with one seed),
+  n_seeds;
+- `reproduction.md`: what was run, the table (rows: families; columns: protocols, each naming
+  its split and data; cells: test accuracy, mean ± std over the seeds) and the gaps between the
+  protocols, computed from the table.
+Neither file holds a date or a timing: the same inputs and seeds give the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gtzan_mlops import models, split
+from gtzan_mlops.cli import stage_main
+from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.evaluate import score_classifier
+from gtzan_mlops.features import feature_names
+
+log = logging.getLogger(__name__)
+
+CSV_FILE = "reproduction.csv"
+MARKDOWN_FILE = "reproduction.md"
+COLUMNS = (
+    "family",
+    "protocol",
+    "split",
+    "leaky",
+    "data",
+    "n_train",
+    "n_test",
+    "metric",
+    "mean",
+    "std",
+    "n_seeds",
+)
+PROTOCOLS = ("clip_stratified", "artist_filtered", "random_segments", "song_grouped")
+PUBLISHED = "published"
+PUBLISHED_SPLIT = "source study's 70/30 clip split, as published"
+DECIMALS = 6  # of mean and std in the CSV
+
+FAMILY_NAMES = {
+    "naive_bayes": "Naive Bayes",
+    "sgd": "SGD",
+    "knn": "KNN",
+    "decision_tree": "Decision tree",
+    "random_forest": "Random forest",
+    "svm": "SVM",
+    "logistic_regression": "Logistic regression",
+    "mlp": "Neural net (sklearn MLP)",
+    "fnn": "FNN",
+    "fnn_simple": "FNN simple",
+    "xgboost": "XGBoost",
+}
+
+# Metrics recorded per protocol (names of evaluate's metrics without the `test_` prefix). For a
+# clip model a song is a clip, and a random segment split has every song on both sides, so song
+# metrics are only recorded where they say something: song-grouped segments.
+PROTOCOL_METRICS = {
+    "clip_stratified": ("accuracy", "macro_f1"),
+    "artist_filtered": ("accuracy", "macro_f1"),
+    "random_segments": ("accuracy", "macro_f1"),
+    "song_grouped": ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1"),
+}
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The `report` section of params.yaml, with the paths resolved and CLI overrides applied."""
+
+    reference_table: Path
+    segments_table: Path
+    lists_dir: Path | None  # None: download the lists (split.artist_filtered.url)
+    download: dict[str, Any]  # url, download_dir, timeout_s of split.artist_filtered
+    families: list[str]
+    seeds: list[int]
+    test_size: float
+    output_dir: Path
+    published: dict[str, float]
+    hyperparameters: dict[str, dict[str, Any]]  # per family: the source study's settings
+    classes: list[str]
+    n_mfcc: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], root: Path) -> ReportSettings:
+        stage = params.get("report") or {}
+        train = params.get("train", {})
+        features_dir = params.get("features", {}).get("output_dir", "data/features")
+        filtered = params.get("split", {}).get("artist_filtered", {}) or {}
+        lists_dir = stage.get("lists_dir") or filtered.get("lists_dir")
+        families = stage.get("families") or train.get("families") or list(models.FAMILIES)
+        if isinstance(families, str):
+            families = [families]
+        families = list(dict.fromkeys(str(family) for family in families))
+        unknown = [family for family in families if family not in models.FAMILIES]
+        if unknown:
+            raise ConfigError(
+                f"report.families: unknown {unknown}; known: {', '.join(models.FAMILIES)}"
+            )
+        hyperparameters = {}
+        for family in families:
+            if family not in train:
+                raise ConfigError(f"params.yaml: missing setting 'train.{family}'")
+            own = train[family] or {}
+            hyperparameters[family] = {
+                **models.fixed(own.get("space") or {}),
+                **(own.get("defaults") or {}),
+            }
+        seeds = stage.get("seeds", [0, 1, 2])
+        seeds = [int(seeds)] if isinstance(seeds, int | str) else [int(seed) for seed in seeds]
+        if not seeds:
+            raise ConfigError("report.seeds must name at least one seed")
+        test_size = float(stage.get("test_size", 0.3))
+        if not 0 < test_size < 1:
+            raise ConfigError(f"report.test_size must be in (0, 1), got {test_size}")
+        published = {str(k): float(v) for k, v in (stage.get("published") or {}).items()}
+        return cls(
+            reference_table=resolve_path(
+                stage.get("reference_table") or f"{features_dir}/features_30_sec.csv", root
+            ),
+            segments_table=resolve_path(
+                stage.get("segments_table") or f"{features_dir}/features_3_sec.csv", root
+            ),
+            lists_dir=resolve_path(lists_dir, root) if lists_dir else None,
+            download={
+                "url": filtered.get("url"),
+                "download_dir": resolve_path(
+                    filtered.get("download_dir", "data/download/gtzan_splits"), root
+                ),
+                "timeout_s": float(filtered.get("timeout_s", 30)),
+            },
+            families=families,
+            seeds=list(dict.fromkeys(seeds)),
+            test_size=test_size,
+            output_dir=resolve_path(stage.get("output_dir", "reports/reproduction"), root),
+            published=published,
+            hyperparameters=hyperparameters,
+            classes=[str(genre) for genre in params["genres"]],
+            n_mfcc=int(params.get("features", {}).get("n_mfcc", 20)),
+        )
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def normalise_table(table: pd.DataFrame, path: Path, level: str, settings: ReportSettings):
+    """`table` as track_id[, segment], genre and the features, sorted (so row order in the file
+    does not matter). Takes this project's tables (track_id, [segment,] genre) and the public
+    reference tables (`filename` like blues.00000.au or blues.00000.3.wav, `label`)."""
+    table = table.copy()
+    if "genre" not in table.columns and "label" in table.columns:
+        table = table.rename(columns={"label": "genre"})
+    if "track_id" not in table.columns and "filename" in table.columns:
+        stems = table["filename"].astype(str).map(split.track_id_of_list_entry)
+        if level == "segment" and "segment" not in table.columns:
+            parts = stems.str.rsplit(".", n=1, expand=True)
+            if parts.shape[1] != 2 or not parts[1].str.isdigit().all():
+                raise ConfigError(f"{path}: segment filenames must look like blues.00000.3.wav")
+            table["track_id"], table["segment"] = parts[0], parts[1].astype(int)
+        else:
+            table["track_id"] = stems
+    keys = ["track_id", "segment"] if level == "segment" else ["track_id"]
+    columns = list(feature_names(settings.n_mfcc))
+    absent = [name for name in [*keys, "genre", *columns] if name not in table.columns]
+    if absent:
+        raise ConfigError(f"{path}: lacks the columns {absent[:4]}")
+    table["track_id"] = table["track_id"].astype(str)
+    table["genre"] = table["genre"].astype(str)
+    unknown = sorted(set(table["genre"]) - set(settings.classes))
+    if unknown:
+        raise ConfigError(f"{path}: genres {unknown} are not in params genres")
+    if table.duplicated(keys).any():
+        raise ConfigError(f"{path}: repeated {'/'.join(keys)} values")
+    return table[[*keys, "genre", *columns]].sort_values(keys).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One train/test division of a protocol; `seed` seeds the model (and drew the split)."""
+
+    seed: int
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+
+@dataclass
+class ProtocolData:
+    """The folds of one protocol and how to name it in the report."""
+
+    protocol: str
+    level: str  # clip or segment: what the models train on
+    data: str  # the table, e.g. "30 s, 1000 clips"
+    header: str  # the markdown column header
+    folds: list[Fold]
+    notes: list[str] = field(default_factory=list)
+
+
+def _subset_rows(table: pd.DataFrame, assignments: pd.DataFrame, seed: int, train: set) -> Fold:
+    rows = split.attach_subsets(table, assignments)
+    chosen = rows["subset"].isin(train)
+    tested = rows["subset"] == "test"
+    columns = list(table.columns)
+    return Fold(
+        seed,
+        rows.loc[chosen, columns].reset_index(drop=True),
+        rows.loc[tested, columns].reset_index(drop=True),
+    )
+
+
+def ratio(test_size: float) -> str:
+    """0.3 -> "70/30"."""
+    test = round(100 * test_size)
+    return f"{100 - test}/{test}"
+
+
+def clip_stratified(clips: pd.DataFrame, settings: ReportSettings) -> ProtocolData:
+    folds = []
+    for seed in settings.seeds:
+        assignments = split.assign_groups(clips, 0.0, settings.test_size, seed, None)
+        folds.append(_subset_rows(clips, assignments, seed, {"train"}))
+    return ProtocolData(
+        "clip_stratified",
+        "clip",
+        f"30 s, {len(clips)} clips",
+        f"clip-stratified {ratio(settings.test_size)}, 30 s, {len(clips)} clips",
+        folds,
+    )
+
+
+def artist_lists(settings: ReportSettings) -> tuple[dict[str, list[str]], str]:
+    """The artist-filtered lists (track ids per subset) and where they came from."""
+    if settings.lists_dir is not None:
+        return split.read_filtered_lists(settings.lists_dir), str(settings.lists_dir)
+    if not settings.download.get("url"):
+        raise ConfigError("no artist-filtered lists: set report.lists_dir or --lists-dir")
+    folder = split.download_filtered_lists(
+        str(settings.download["url"]),
+        settings.download["download_dir"],
+        settings.download["timeout_s"],
+    )
+    return split.read_filtered_lists(folder), str(folder)
+
+
+def artist_filtered(
+    clips: pd.DataFrame, lists: dict[str, list[str]], settings: ReportSettings
+) -> ProtocolData:
+    """Train on the train + valid lists, test on the test list; the clips the table lacks, and
+    the table's clips no list names, are counted in the notes."""
+    assignments, missing, unlisted = split.assign_filtered(clips, lists)
+    if assignments.empty:
+        raise ConfigError(
+            f"none of the {len(clips)} clips of the reference table is named in the "
+            "artist-filtered lists (is the table GTZAN?)"
+        )
+    listed = {subset: len(ids) for subset, ids in lists.items()}
+    found = {subset: int((assignments["subset"] == subset).sum()) for subset in split.SUBSETS}
+    folds = [_subset_rows(clips, assignments, seed, {"train", "valid"}) for seed in settings.seeds]
+    n_found = sum(found.values())
+    notes = [
+        "artist-filtered lists: "
+        + ", ".join(f"{subset} {found[subset]} of {listed[subset]}" for subset in split.SUBSETS)
+        + f" listed clips found in the reference table ({n_found} of {sum(listed.values())});"
+        + f" {unlisted} clips of the table are in no list and left out"
+    ]
+    n_missing = sum(map(len, missing.values()))
+    if n_missing:
+        shown = [track for subset in split.SUBSETS for track in missing[subset]][:10]
+        notes.append(
+            f"{n_missing} listed clips are not in the reference table: {', '.join(shown)}"
+            + (" ..." if n_missing > len(shown) else "")
+        )
+    n_train = found["train"] + found["valid"]
+    return ProtocolData(
+        "artist_filtered",
+        "clip",
+        f"30 s, {n_found} listed clips of {len(clips)}",
+        f"artist-filtered (train+valid {n_train} / test {found['test']}), 30 s, "
+        f"{n_found} listed clips",
+        folds,
+        notes,
+    )
+
+
+def segment_description(segments: pd.DataFrame) -> str:
+    return f"3 s, {segments['track_id'].nunique()} clips ({len(segments)} segments)"
+
+
+def random_segments(segments: pd.DataFrame, settings: ReportSettings) -> ProtocolData:
+    folds = []
+    for seed in settings.seeds:
+        assignments = split.assign_segments(segments, 0.0, settings.test_size, seed)
+        folds.append(_subset_rows(segments, assignments, seed, {"train"}))
+    clips = segments["track_id"].nunique()
+    shared = [len(set(fold.test["track_id"]) & set(fold.train["track_id"])) for fold in folds]
+    tested = [fold.test["track_id"].nunique() for fold in folds]
+    return ProtocolData(
+        "random_segments",
+        "segment",
+        segment_description(segments),
+        f"random segments {ratio(settings.test_size)} (LEAKY), 3 s, {clips} clips",
+        folds,
+        [
+            "random segments (LEAKY): songs with test segments that also have segments in "
+            "training, per seed: "
+            + ", ".join(
+                f"seed {fold.seed}: {common} of {total}"
+                for fold, common, total in zip(folds, shared, tested, strict=True)
+            )
+        ],
+    )
+
+
+def _spread(values: list[int]) -> str:
+    """[20, 20] -> "20"; [19, 21] -> "19-21"."""
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def song_grouped(segments: pd.DataFrame, settings: ReportSettings) -> ProtocolData:
+    tracks = segments.groupby("track_id", sort=True)["genre"].first().reset_index()
+    folds = []
+    for seed in settings.seeds:
+        assignments = split.assign_groups(tracks, 0.0, settings.test_size, seed, None)
+        folds.append(_subset_rows(segments, assignments, seed, {"train"}))
+    songs = [fold.test["track_id"].nunique() for fold in folds]
+    rows = [len(fold.test) for fold in folds]
+    return ProtocolData(
+        "song_grouped",
+        "segment",
+        segment_description(segments),
+        f"song-grouped {ratio(settings.test_size)}, 3 s, {len(tracks)} clips",
+        folds,
+        [
+            f"song-grouped: {_spread(songs)} test songs ({_spread(rows)} segments) per seed, "
+            "none of them in training; the song vote is scored on these songs"
+        ],
+    )
+
+
+def prepare(settings: ReportSettings) -> tuple[list[ProtocolData], dict[str, str], dict]:
+    """The protocols that can run, the reasons the others cannot, and the tables' sizes."""
+    prepared: list[ProtocolData] = []
+    skipped: dict[str, str] = {}
+    sizes: dict[str, Any] = {}
+
+    if settings.reference_table.is_file():
+        clips = normalise_table(
+            pd.read_csv(settings.reference_table), settings.reference_table, "clip", settings
+        )
+        sizes["clips"] = len(clips)
+        prepared.append(clip_stratified(clips, settings))
+        try:
+            lists, source = artist_lists(settings)
+            sizes["lists_source"] = source
+            prepared.append(artist_filtered(clips, lists, settings))
+        except ConfigError as error:
+            skipped["artist_filtered"] = str(error)
+    else:
+        reason = f"no reference table at {settings.reference_table} (pass --reference-table)"
+        skipped["clip_stratified"] = skipped["artist_filtered"] = reason
+
+    if settings.segments_table.is_file():
+        segments = normalise_table(
+            pd.read_csv(settings.segments_table), settings.segments_table, "segment", settings
+        )
+        sizes["segment_clips"] = int(segments["track_id"].nunique())
+        sizes["segments"] = len(segments)
+        prepared += [random_segments(segments, settings), song_grouped(segments, settings)]
+    else:
+        reason = (
+            f"no segment table at {settings.segments_table} (run the features stage or pass "
+            "--segments-table)"
+        )
+        skipped["random_segments"] = skipped["song_grouped"] = reason
+
+    # A protocol whose training rows lack a genre cannot train any family.
+    usable = []
+    for protocol in prepared:
+        lacking = sorted(
+            {
+                genre
+                for fold in protocol.folds
+                for genre in set(settings.classes) - set(fold.train["genre"])
+            }
+        )
+        if lacking:
+            skipped[protocol.protocol] = f"its training rows lack the genres {lacking}"
+        elif any(fold.test.empty for fold in protocol.folds):
+            skipped[protocol.protocol] = "its test set is empty"
+        else:
+            usable.append(protocol)
+    return usable, {name: skipped[name] for name in PROTOCOLS if name in skipped}, sizes
+
+
+# --- training and scoring -------------------------------------------------------------------
+
+
+def score_fold(
+    family: str, fold: Fold, protocol: ProtocolData, settings: ReportSettings
+) -> dict[str, float]:
+    """Train `family` at the source study's settings on the fold's train rows; its test metrics
+    (evaluate's metrics without the `test_` prefix)."""
+    columns = list(feature_names(settings.n_mfcc))
+    index = {genre: number for number, genre in enumerate(settings.classes)}
+    train = (fold.train[columns], fold.train["genre"].map(index).to_numpy())
+    result = models.fit_family(
+        family, settings.hyperparameters[family], train, len(settings.classes), fold.seed
+    )
+    evaluation = score_classifier(
+        result.model, protocol.level, settings.classes, settings.n_mfcc, fold.test, family
+    )
+    if models.flavor_of(family) == "keras":
+        import keras
+
+        keras.backend.clear_session()  # free the network's graph state before the next one
+    return {
+        metric: float(evaluation.metrics[f"test_{metric}"])
+        for metric in PROTOCOL_METRICS[protocol.protocol]
+    }
+
+
+def _count(values: list[int]) -> int:
+    return int(values[0]) if len(set(values)) == 1 else round(float(np.mean(values)))
+
+
+def run_protocols(protocols: list[ProtocolData], settings: ReportSettings) -> pd.DataFrame:
+    """The tidy table: published rows, then every protocol's metrics per family."""
+    rows = []
+    for family in settings.families:
+        if family in settings.published:
+            rows.append(
+                {
+                    "family": family,
+                    "protocol": PUBLISHED,
+                    "split": PUBLISHED_SPLIT,
+                    "leaky": False,
+                    "data": "30 s clips (source study)",
+                    "n_train": None,
+                    "n_test": None,
+                    "metric": "accuracy",
+                    "mean": settings.published[family],
+                    "std": None,
+                    "n_seeds": None,
+                }
+            )
+        for protocol in protocols:
+            strategy = split.STRATEGIES[protocol.protocol]
+            values: dict[str, list[float]] = {}
+            for fold in protocol.folds:
+                started = time.perf_counter()
+                scores = score_fold(family, fold, protocol, settings)
+                log.info(
+                    "%s, %s, seed %d: accuracy %.4f (%.1f s)",
+                    family,
+                    strategy.label,
+                    fold.seed,
+                    scores["accuracy"],
+                    time.perf_counter() - started,
+                )
+                for metric, value in scores.items():
+                    values.setdefault(metric, []).append(value)
+            for metric, scores in values.items():
+                rows.append(
+                    {
+                        "family": family,
+                        "protocol": protocol.protocol,
+                        "split": strategy.label,
+                        "leaky": strategy.leaky,
+                        "data": protocol.data,
+                        "n_train": _count([len(fold.train) for fold in protocol.folds]),
+                        "n_test": _count([len(fold.test) for fold in protocol.folds]),
+                        "metric": metric,
+                        "mean": round(float(np.mean(scores)), DECIMALS),
+                        "std": round(float(np.std(scores, ddof=1)), DECIMALS)
+                        if len(scores) > 1
+                        else None,
+                        "n_seeds": len(scores),
+                    }
+                )
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    for column in ("n_train", "n_test", "n_seeds"):
+        table[column] = table[column].astype("Int64")
+    table["std"] = table["std"].astype(float)
+    return table
+
+
+# --- the markdown ---------------------------------------------------------------------------
+
+
+def display_path(path: Path, root: Path) -> str:
+    """A path relative to the repository when inside it (so reports read the same anywhere)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def cell(table: pd.DataFrame, family: str, protocol: str, metric: str = "accuracy") -> str:
+    chosen = table[
+        (table["family"] == family) & (table["protocol"] == protocol) & (table["metric"] == metric)
+    ]
+    if chosen.empty:
+        return "—"
+    mean, std = float(chosen["mean"].iloc[0]), chosen["std"].iloc[0]
+    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {float(std):.3f}"
+
+
+def markdown_table(
+    table: pd.DataFrame, protocols: list[ProtocolData], settings: ReportSettings
+) -> list[str]:
+    columns: list[tuple[str, str, str]] = []  # (header, protocol, metric)
+    if settings.published:
+        columns.append(("published (source study, 30 s, 70/30)", PUBLISHED, "accuracy"))
+    for protocol in protocols:
+        if protocol.protocol == "song_grouped":
+            columns.append((f"{protocol.header}: segments", protocol.protocol, "accuracy"))
+            columns.append((f"{protocol.header}: song vote", protocol.protocol, "song_accuracy"))
+        else:
+            columns.append((protocol.header, protocol.protocol, "accuracy"))
+    lines = [
+        "| Model | " + " | ".join(header for header, _, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for family in settings.families:
+        cells = [cell(table, family, protocol, metric) for _, protocol, metric in columns]
+        lines.append(f"| {FAMILY_NAMES.get(family, family)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_gaps(
+    table: pd.DataFrame, high: tuple[str, str], low: tuple[str, str]
+) -> dict[str, float]:
+    """Per family: mean of `high` (protocol, metric) minus mean of `low`, where both exist."""
+    values = table.set_index(["protocol", "metric", "family"])["mean"]
+    gaps = {}
+    for family in table["family"].unique():
+        try:
+            gaps[str(family)] = float(values.loc[(*high, family)] - values.loc[(*low, family)])
+        except KeyError:
+            continue
+    return gaps
+
+
+def describe_gap(gaps: dict[str, float], what: str) -> str:
+    """`what` (a clause naming the two sides) with the average, smallest and largest gap."""
+    mean = float(np.mean(list(gaps.values())))
+    least = min(gaps, key=lambda family: (gaps[family], family))
+    most = max(gaps, key=lambda family: (gaps[family], family))
+    name = FAMILY_NAMES.get
+    return (
+        f"{what}: {mean:+.3f} accuracy on average over {len(gaps)} models "
+        f"(from {gaps[least]:+.3f}, {name(least, least)}, to {gaps[most]:+.3f}, "
+        f"{name(most, most)})."
+    )
+
+
+def gap_paragraph(table: pd.DataFrame) -> list[str]:
+    """The gaps between protocols, computed from the table (positive: the first is higher)."""
+    sentences = []
+    leak = paired_gaps(table, ("random_segments", "accuracy"), ("song_grouped", "accuracy"))
+    if leak:
+        sentences.append(
+            describe_gap(
+                leak,
+                "Random segments (LEAKY) minus song-grouped, segment accuracy on the same 3 s "
+                "table",
+            )
+        )
+    vote = paired_gaps(table, ("random_segments", "accuracy"), ("song_grouped", "song_accuracy"))
+    if vote:
+        sentences.append(
+            describe_gap(vote, "Random segments (LEAKY) minus song-grouped song-vote accuracy")
+        )
+    artist = paired_gaps(table, ("clip_stratified", "accuracy"), ("artist_filtered", "accuracy"))
+    if artist:
+        sentences.append(
+            describe_gap(artist, "Clip-stratified minus artist-filtered, 30 s reference table")
+        )
+    reproduced = paired_gaps(table, ("clip_stratified", "accuracy"), (PUBLISHED, "accuracy"))
+    if reproduced:
+        sentences.append(
+            describe_gap(reproduced, "Clip-stratified (this reproduction) minus published")
+            + f" Mean absolute difference: {np.mean(np.abs(list(reproduced.values()))):.3f}."
+        )
+    if not sentences:
+        return []
+    return [
+        "## Gaps between protocols",
+        "",
+        " ".join(sentences)
+        + " A positive gap is what the first split gains over the second; between a leaky and "
+        "an honest split, it is accuracy that comes from recognising songs (or artists) seen in "
+        "training, not genres.",
+    ]
+
+
+def command_line(settings: ReportSettings, root: Path, lists_source: str | None) -> str:
+    parts = [
+        "gtzan-mlops report",
+        f"--reference-table {display_path(settings.reference_table, root)}",
+        f"--segments-table {display_path(settings.segments_table, root)}",
+    ]
+    if lists_source:
+        parts.append(f"--lists-dir {display_path(Path(lists_source), root)}")
+    parts += [
+        "--families " + " ".join(settings.families),
+        "--seeds " + " ".join(map(str, settings.seeds)),
+        f"--output-dir {display_path(settings.output_dir, root)}",
+    ]
+    return " ".join(parts)
+
+
+def render_markdown(
+    table: pd.DataFrame,
+    protocols: list[ProtocolData],
+    skipped: dict[str, str],
+    sizes: dict[str, Any],
+    settings: ReportSettings,
+    root: Path,
+) -> str:
+    lists_source = sizes.get("lists_source")
+    seeds = ", ".join(map(str, settings.seeds))
+    reference = display_path(settings.reference_table, root)
+    segments = display_path(settings.segments_table, root)
+    lines = [
+        "# Reproduction of the source study's accuracies, under honest splits",
+        "",
+        f"Written by `{command_line(settings, root, lists_source)}`.",
+        "",
+        "- Models: each family at the source study's settings (`train.<family>.defaults` with the "
+        "fixed values of `train.<family>.space`, no tuning), trained on everything that is not "
+        "test: Keras networks for exactly `epochs` epochs, XGBoost for exactly `n_estimators` "
+        "rounds (no early stopping).",
+        f"- Reference table (30 s columns): `{reference}`, "
+        + (f"{sizes['clips']} clips." if "clips" in sizes else "not found."),
+        f"- Segment table (3 s columns): `{segments}`, "
+        + (
+            f"{sizes['segment_clips']} clips ({sizes['segments']} segments). The segment "
+            "columns come from this table, not from the reference table: their clip count is "
+            "this table's."
+            if "segments" in sizes
+            else "not found."
+        ),
+    ]
+    if lists_source:
+        lines.append(f"- Artist-filtered lists: `{display_path(Path(lists_source), root)}`.")
+    lines += [
+        f"- Seeds: {seeds}. Each seed draws the split and seeds the model; the artist-filtered "
+        "lists are fixed, so there the seeds only seed the model.",
+        "- Cells: test accuracy, mean ± sample standard deviation over the seeds (the song-vote "
+        "column: segment probabilities averaged per test song). The random-segment split is "
+        "LEAKY: segments of one song are in train and test.",
+        "- Versions: " + ", ".join(models.installed_requirements(VERSIONED)) + ".",
+        "",
+        *markdown_table(table, protocols, settings),
+        "",
+    ]
+    gaps = gap_paragraph(table)
+    if gaps:
+        lines += [*gaps, ""]
+    notes = [note for protocol in protocols for note in protocol.notes]
+    if notes or skipped:
+        lines += ["## Notes", ""]
+        lines += [f"- {note}" for note in notes]
+        lines += [f"- Skipped `{name}`: {reason}" for name, reason in skipped.items()]
+        lines.append("")
+    lines += [
+        "## Model settings",
+        "",
+        "As passed to the model (`{**fixed values of the space, **defaults}`); "
+        + ", ".join(f"`{name}`" for name in UNUSED_WITHOUT_VALIDATION)
+        + " are left out: without a validation set they do nothing.",
+        "",
+    ]
+    lines += [
+        f"- {FAMILY_NAMES.get(family, family)} (`{family}`): "
+        + ", ".join(
+            f"{name}={value}"
+            for name, value in sorted(values.items())
+            if name not in UNUSED_WITHOUT_VALIDATION
+        )
+        for family, values in settings.hyperparameters.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# Early-stopping settings of Keras and XGBoost: inert here (no validation rows).
+UNUSED_WITHOUT_VALIDATION = ("patience", "early_stopping_rounds")
+VERSIONED = ("scikit-learn", ("xgboost-cpu", "xgboost"), ("tensorflow-cpu", "tensorflow"), "keras")
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    table: pd.DataFrame
+    markdown: str
+    skipped: dict[str, str]
+    csv_path: Path
+    markdown_path: Path
+
+
+def run(params: dict[str, Any], root: Path) -> Report:
+    settings = ReportSettings.from_params(params, root)
+    protocols, skipped, sizes = prepare(settings)
+    for name, reason in skipped.items():
+        log.warning("skipping %s: %s", name, reason)
+    if not protocols:
+        raise ConfigError(
+            "no protocol can run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        )
+    table = run_protocols(protocols, settings)
+    markdown = render_markdown(table, protocols, skipped, sizes, settings, root)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = settings.output_dir / CSV_FILE
+    markdown_path = settings.output_dir / MARKDOWN_FILE
+    table.to_csv(csv_path, index=False)
+    markdown_path.write_text(markdown, encoding="utf-8")
+    return Report(table, markdown, skipped, csv_path, markdown_path)
+
+
+def _names(values: list[str]) -> list[str]:
+    """`a b,c` -> [a, b, c]: families given space- or comma-separated."""
+    return [name for value in values for name in value.split(",") if name]
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reference-table",
+        default=None,
+        help="30 s table of all GTZAN clips (default: report.reference_table, else "
+        "data/features/features_30_sec.csv)",
+    )
+    parser.add_argument(
+        "--segments-table",
+        default=None,
+        help="3 s segment table (default: report.segments_table, else "
+        "data/features/features_3_sec.csv)",
+    )
+    parser.add_argument(
+        "--lists-dir",
+        default=None,
+        help="folder with {train,valid,test}_filtered.txt (default: report.lists_dir, else "
+        "split.artist_filtered.lists_dir, else downloaded)",
+    )
+    parser.add_argument(
+        "--families", nargs="+", default=None, help="families to run (default: train.families)"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="seeds (default: report.seeds)"
+    )
+    parser.add_argument("--output-dir", default=None, help="default: report.output_dir")
+
+
+def run_command(params: dict[str, Any], root: Path, args: argparse.Namespace) -> Report:
+    """`run` with the command line's options over the `report` section. Paths on the command
+    line are relative to the working directory; in params.yaml, to the repository root."""
+    overrides = {
+        "reference_table": _absolute(args.reference_table),
+        "segments_table": _absolute(args.segments_table),
+        "lists_dir": _absolute(args.lists_dir),
+        "families": _names(args.families) if args.families else None,
+        "seeds": args.seeds,
+        "output_dir": _absolute(args.output_dir),
+    }
+    stage = {
+        **(params.get("report") or {}),
+        **{key: value for key, value in overrides.items() if value is not None},
+    }
+    return run({**params, "report": stage}, root)
+
+
+def describe(report: Report) -> str:
+    skipped = [f"skipped {name}: {reason}" for name, reason in report.skipped.items()]
+    return "\n".join([*skipped, f"wrote {report.csv_path} and {report.markdown_path}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return stage_main(
+        "report", __doc__, run_command, argv, describe=describe, arguments=add_arguments
+    )

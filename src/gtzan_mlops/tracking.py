@@ -1,0 +1,203 @@
+"""Where runs and studies are stored, and what identifies the code and data behind them.
+
+MLflow: `MLFLOW_TRACKING_URI` wins; otherwise a SQLite file `mlruns/mlflow.db` with artifacts in
+`mlruns/artifacts/`, both under the *store root*. Optuna: `OPTUNA_STORAGE` (an RDB URL) wins;
+otherwise one journal file per family under `optuna/`, which is safe for several processes.
+
+The store root is the repository DVC runs in. `dvc exp run --queue`/`--temp` run a stage in a
+temporary copy under `.dvc/tmp/exps/` and set `DVC_ROOT` to the real repository, so runs and
+studies from experiments land in the same store as those of `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gtzan_mlops.config import find_repo_root
+
+TRACKING_DIR = "mlruns"
+DATABASE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+OPTUNA_DIR = "optuna"
+
+
+def store_root(root: Path | None = None) -> Path:
+    """The repository whose `mlruns/` and `optuna/` hold the runs: DVC's root when DVC runs us
+    (the real repository, also from an experiment's temporary copy), else `root`."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root:
+        return Path(dvc_root).resolve()
+    return (root or find_repo_root()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI`, or the project's SQLite store (an absolute URI)."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    folder = store_root(root) / TRACKING_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / DATABASE_FILE}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the database for a SQLite store (MLflow
+    would otherwise use ./mlartifacts of whatever folder a command runs in); a tracking server
+    decides for itself (None)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).parent / ARTIFACTS_DIR).as_uri()
+
+
+def use_store(root: Path | None = None) -> str:
+    """Point MLflow's fluent API at the project's store; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def launched_run_id() -> str | None:
+    """The run `mlflow run` created for this command (MLFLOW_RUN_ID), taken out of the
+    environment: the stage logs into it instead of a run of its own, and no later start_run
+    (a trial's, a worker process's) picks it up by accident."""
+    return os.environ.pop("MLFLOW_RUN_ID", None) or None
+
+
+def experiment_name(params: dict[str, Any]) -> str:
+    """The experiment of the pipeline's stage runs (params `mlflow.experiment_name`)."""
+    return str(params.get("mlflow", {}).get("experiment_name", "gtzan-genre"))
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name` in the active store, created (see `artifact_location`) if
+    needed."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            client.restore_experiment(existing.experiment_id)
+        return existing.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=artifact_location(mlflow.get_tracking_uri())
+        )
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and our create.
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def optuna_storage(family: str, root: Path | None = None, configured: str | None = None) -> Any:
+    """Optuna storage for `family`: `OPTUNA_STORAGE`, then `configured` (params
+    `train.optuna_storage`), each an RDB URL such as postgresql+psycopg2://host/db (the driver
+    installed; SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3); else a journal file
+    `optuna/<family>.journal`, which several local processes can share (file lock)."""
+    url = os.environ.get("OPTUNA_STORAGE") or configured
+    if url:
+        return url
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    folder = store_root(root) / OPTUNA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str(folder / f"{family}.journal")
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """The checked-out commit of the workspace the stage runs in, with `-dirty` when tracked
+    files differ from it; None outside git."""
+    folder = root or find_repo_root()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dvc_output_hash(root: Path, output: str) -> str | None:
+    """The md5 DVC recorded in dvc.lock for `output` (e.g. data/raw), None if not recorded.
+
+    DVC writes a stage's lock entry as soon as the stage finishes, so a downstream stage sees the
+    hash of the data it runs on.
+    """
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path") == output:
+                return out.get("md5")
+    return None
+
+
+def run_tags(root: Path) -> dict[str, str]:
+    """Tags every run of the pipeline carries: code version, data version, DVC experiment."""
+    tags = {"git_commit": git_commit(root) or "unknown"}
+    raw_hash = dvc_output_hash(root, "data/raw")
+    if raw_hash:
+        tags["dvc.data_raw_md5"] = raw_hash
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        tags["dvc.exp_name"] = experiment
+    return tags
+
+
+def log_stage_run(
+    root: Path,
+    experiment: str,
+    stage: str,
+    run_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One finished MLflow run for a stage's results (params, metrics, files), tagged like every
+    run of the pipeline; returns its id. Under `mlflow run`, that command's run is the one."""
+    import mlflow
+
+    launched = launched_run_id()
+    with mlflow.start_run(
+        run_id=launched,
+        experiment_id=None if launched else ensure_experiment(experiment),
+        run_name=run_name,
+        tags={**run_tags(root), "gtzan.stage": stage, **(tags or {})},
+    ) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+    return run.info.run_id

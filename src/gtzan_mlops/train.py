@@ -1,0 +1,766 @@
+"""The `train` stage of one model family: an Optuna study, every trial a nested MLflow run.
+
+    gtzan-mlops train --family xgboost [--n-trials N] [--workers N]
+    gtzan-mlops train --family xgboost --join        # one more worker for a running stage
+
+1. The active split (`data/split`) says which rows train, validate and test, and the level the
+   models work at (whole clips, or 3 s segments voted per song).
+2. An Optuna study maximises the validation metric `train.objective`, sampling the search space
+   `train.<family>.space` with a seeded TPE sampler; the first trial is the source study's
+   settings (`train.<family>.defaults`). Keras and XGBoost report every epoch (or few boosting
+   rounds) and the median pruner stops hopeless trials.
+3. The study lives in persistent storage that several processes can share (journal files under
+   `optuna/`, or an RDB given by `OPTUNA_STORAGE`), named after everything that decides its
+   trials: family, search space, seed, objective, the data and split files (sha256) and the
+   training code. So rerunning the stage after an interruption finishes the same study, raising
+   `n_trials` adds trials to it, and changing anything else starts a new one.
+4. MLflow: one parent run per study (`train-<family> [<split label>]`, reused on resume) and one
+   nested run per trial with its hyperparameters, validation metrics and learning curve; tags
+   name the git commit, the DVC data hash, the split, and the DVC experiment if any.
+5. The best trial is refit (on train+valid by default, for the epochs/rounds its early stopping
+   chose) and logged as an MLflow model with signature and input example, with its test
+   metrics, a per-class precision/recall/F1 table and a confusion matrix.
+6. Outputs for DVC: `data/train/<family>.json` (the record evaluate and promote read),
+   `metrics/train/<family>.json` and the optimisation history `reports/train/<family>/history.csv`.
+
+Determinism: with `workers: 1` the same params, data and code give the same trials and model
+(seeded sampler, NumPy/Python/TensorFlow seeds with TF op determinism, seeded estimators,
+single-threaded XGBoost). Several workers finish sooner but in an order that varies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gtzan_mlops import models, tracking
+from gtzan_mlops.cli import stage_main
+from gtzan_mlops.config import (
+    ConfigError,
+    resolve_path,
+    stage_arguments,
+)
+from gtzan_mlops.evaluate import (
+    METRICS,
+    EvaluationError,
+    FamilyEvaluation,
+    feature_table_paths,
+    score_classifier,
+    split_dir,
+    split_label,
+)
+from gtzan_mlops.features import FeatureSettings, feature_names
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+BUDGET_ATTR = "budget"  # epochs or boosting rounds the trial's early stopping chose
+EXAMPLE_ROWS = 5
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The rows of each subset at the split's level, and what identifies them."""
+
+    level: str
+    subsets: dict[str, pd.DataFrame]  # train / valid / test
+    classes: list[str]
+    n_mfcc: int
+    summary: dict[str, Any]  # the split's summary.json
+    features_sha256: str
+    split_sha256: str
+    feature_settings: dict[str, Any]  # FeatureSettings of the tables, stored with the model
+
+    @property
+    def label(self) -> str:
+        return split_label(self.summary)
+
+    def xy(self, subset: str) -> tuple[pd.DataFrame, np.ndarray]:
+        rows = self.subsets[subset]
+        index = {genre: number for number, genre in enumerate(self.classes)}
+        return rows[list(feature_names(self.n_mfcc))], rows["genre"].map(index).to_numpy()
+
+    def train_and_valid(self) -> tuple[pd.DataFrame, np.ndarray]:
+        train_x, train_y = self.xy("train")
+        valid_x, valid_y = self.xy("valid")
+        return pd.concat([train_x, valid_x], ignore_index=True), np.concatenate([train_y, valid_y])
+
+
+def load_training_data(params: dict[str, Any], root: Path) -> TrainingData:
+    from gtzan_mlops import split
+
+    folder = split_dir(params, root)
+    assignments, summary = split.load_split(folder)
+    level = summary["level"]
+    path = feature_table_paths(params, root)[level]
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file (run the features stage)")
+    table = split.attach_subsets(pd.read_csv(path), assignments)
+    classes = list(params["genres"])
+    unknown = sorted(set(table["genre"]) - set(classes))
+    if unknown:
+        raise ConfigError(f"{path}: genres {unknown} are not in params genres {classes}")
+    subsets = {
+        subset: table[table["subset"] == subset].reset_index(drop=True) for subset in split.SUBSETS
+    }
+    for subset, rows in subsets.items():
+        if rows.empty:
+            raise EvaluationError(f"the {split_label(summary)} split has no {subset} rows")
+    return TrainingData(
+        level=level,
+        subsets=subsets,
+        classes=classes,
+        n_mfcc=int(params["features"]["n_mfcc"]),
+        summary=summary,
+        features_sha256=tracking.file_sha256(path),
+        split_sha256=tracking.file_sha256(folder / split.SPLIT_FILE),
+        feature_settings=FeatureSettings.from_params(params).to_dict(),
+    )
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    family: str
+    n_trials: int
+    space: dict[str, Any]
+    defaults: dict[str, Any]
+    seed: int
+    objective: str  # one of evaluate.METRICS, measured on the valid subset
+    refit_on: str
+    experiment_name: str
+    storage: str | None
+    workers: int
+    n_startup_trials: int
+    n_warmup_steps: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], family: str) -> FamilySettings:
+        stage = params.get("train", {})
+        if family not in models.FAMILIES:
+            raise ConfigError(f"unknown family {family!r}; known: {', '.join(models.FAMILIES)}")
+        if family not in stage:
+            raise ConfigError(f"params.yaml: missing setting 'train.{family}'")
+        own = stage[family]
+        objective = str(stage.get("objective", "accuracy"))
+        if objective not in METRICS:
+            raise ConfigError(f"train.objective must be one of {METRICS}, got {objective!r}")
+        refit_on = str(stage.get("refit_on", "train_valid"))
+        if refit_on not in ("train", "train_valid"):
+            raise ConfigError(f"train.refit_on must be train or train_valid, got {refit_on!r}")
+        pruner = stage.get("pruner", {})
+        settings = cls(
+            family=family,
+            n_trials=int(own.get("n_trials", 10)),
+            space=dict(own.get("space", {})),
+            defaults=dict(own.get("defaults") or {}),
+            seed=int(stage.get("seed", 0)),
+            objective=objective,
+            refit_on=refit_on,
+            experiment_name=tracking.experiment_name(params),
+            storage=stage.get("optuna_storage"),
+            workers=int(stage.get("workers", 1)),
+            n_startup_trials=int(pruner.get("n_startup_trials", 3)),
+            n_warmup_steps=int(pruner.get("n_warmup_steps", 5)),
+        )
+        if settings.n_trials < 1:
+            raise ConfigError(f"train.{family}.n_trials must be at least 1")
+        return settings
+
+    @property
+    def objective_key(self) -> str:
+        return f"valid_{self.objective}"
+
+
+def code_fingerprint() -> str:
+    """sha256 of the modules that decide a trial's outcome."""
+    digest = hashlib.sha256()
+    for module in ("train.py", "models.py", "evaluate.py"):
+        digest.update((Path(__file__).with_name(module)).read_bytes())
+    return digest.hexdigest()
+
+
+def study_name(settings: FamilySettings, data: TrainingData) -> str:
+    """`<family>-<split label>-<fingerprint>`: one study per thing that changes its trials.
+    `n_trials` and `workers` are left out, so raising them continues the study."""
+    decisive = {
+        "family": settings.family,
+        "space": settings.space,
+        "defaults": settings.defaults,
+        "seed": settings.seed,
+        "objective": settings.objective,
+        "pruner": [settings.n_startup_trials, settings.n_warmup_steps],
+        "classes": data.classes,
+        "features": data.features_sha256,
+        "split": data.split_sha256,
+        "code": code_fingerprint(),
+    }
+    payload = json.dumps(decisive, sort_keys=True, default=str).encode()
+    return f"{settings.family}-{data.label}-{hashlib.sha256(payload).hexdigest()[:12]}"
+
+
+def open_study(
+    settings: FamilySettings, name: str, root: Path, worker: int = 0, create: bool = True
+):
+    import optuna
+
+    storage = tracking.optuna_storage(settings.family, root, settings.storage)
+    # Each worker samples from its own seeded stream, or parallel workers would repeat trials.
+    sampler = optuna.samplers.TPESampler(seed=settings.seed + worker)
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=settings.n_startup_trials, n_warmup_steps=settings.n_warmup_steps
+    )
+    if not create:
+        try:
+            return optuna.load_study(
+                study_name=name, storage=storage, sampler=sampler, pruner=pruner
+            )
+        except KeyError as error:
+            raise ConfigError(
+                f"no Optuna study {name!r} in the storage: start the stage first (a joining "
+                "worker needs the same data, params and code as the stage)"
+            ) from error
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+
+
+def finished_trials(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def within_space(spec: Any, value: Any) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("type") == "categorical":
+        return value in spec.get("choices", [])
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return float(spec["low"]) <= float(value) <= float(spec["high"])
+
+
+def enqueue_defaults(study: Any, settings: FamilySettings) -> None:
+    """The source study's settings as the first trial of a new study (those within the space)."""
+    if study.trials:
+        return
+    chosen = {
+        name: value
+        for name, value in settings.defaults.items()
+        if within_space(settings.space.get(name), value)
+    }
+    if chosen:
+        study.enqueue_trial(chosen, skip_if_exists=True)
+
+
+# --- the objective --------------------------------------------------------------------------
+
+
+def evaluate_subset(
+    result: models.FitResult, data: TrainingData, subset: str, family: str
+) -> FamilyEvaluation:
+    return score_classifier(
+        result.model, data.level, data.classes, data.n_mfcc, data.subsets[subset], family, subset
+    )
+
+
+def make_objective(settings: FamilySettings, data: TrainingData, parent_run_id: str, tags: dict):
+    import mlflow
+    import optuna
+
+    # Trials go to their parent's experiment, whichever experiment is active in this process.
+    experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+
+    def objective(trial: optuna.Trial) -> float:
+        hyperparameters = models.suggest(trial, settings.space)
+        curve: list[tuple[int, float]] = []
+
+        def report(step: int, value: float) -> None:
+            curve.append((step, value))
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (valid accuracy {value:.4f})")
+
+        run_tags = {
+            **tags,
+            "optuna.study": trial.study.study_name,
+            "optuna.trial": str(trial.number),
+        }
+        with mlflow.start_run(
+            run_name=f"{settings.family}-trial-{trial.number:03d}",
+            experiment_id=experiment_id,
+            parent_run_id=parent_run_id,
+            tags=run_tags,
+        ) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params(hyperparameters)
+            try:
+                result = models.fit_family(
+                    settings.family,
+                    hyperparameters,
+                    data.xy("train"),
+                    len(data.classes),
+                    settings.seed,
+                    valid=data.xy("valid"),
+                    report=report,
+                )
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "PRUNED")
+                _log_curve(curve)
+                raise
+            metrics = evaluate_subset(result, data, "valid", settings.family).metrics
+            _log_curve(curve)
+            mlflow.log_metrics(metrics)
+            if result.budget is not None:
+                trial.set_user_attr(BUDGET_ATTR, int(result.budget))
+                mlflow.log_metric("budget", result.budget)
+            mlflow.set_tag("optuna.state", "COMPLETE")
+        return float(metrics[settings.objective_key])
+
+    return objective
+
+
+def _log_curve(curve: list[tuple[int, float]]) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+
+    if curve:
+        now = int(1000 * __import__("time").time())
+        metrics = [Metric("valid_curve_accuracy", value, now, step) for step, value in curve]
+        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+
+def optimise(
+    study: Any, settings: FamilySettings, data: TrainingData, parent_run_id: str, tags: dict
+) -> None:
+    """Run trials until the study holds `n_trials` finished (complete or pruned) ones."""
+    import optuna
+    from optuna.trial import TrialState
+
+    remaining = settings.n_trials - finished_trials(study)
+    if remaining <= 0:
+        log.info(
+            "%s: the study already has %d finished trials", study.study_name, settings.n_trials
+        )
+        return
+    study.optimize(
+        make_objective(settings, data, parent_run_id, tags),
+        n_trials=remaining,
+        callbacks=[
+            optuna.study.MaxTrialsCallback(
+                settings.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)
+            )
+        ],
+        gc_after_trial=True,
+    )
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def parent_run(study: Any, settings: FamilySettings, data: TrainingData, tags: dict) -> str:
+    """The study's parent run: the run `mlflow run` launched this stage in, else the one the
+    study recorded if it still exists, else a new one. Recorded in the study for its workers."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    run_name = f"train-{settings.family} [{data.label}]"
+    run_tags = {**tags, "gtzan.stage": "train", "optuna.study": study.study_name}
+    chosen = tracking.launched_run_id()
+    if chosen:
+        client.update_run(chosen, name=run_name)
+        for key, value in run_tags.items():
+            client.set_tag(chosen, key, value)
+    else:
+        known = study.user_attrs.get(PARENT_RUN_ATTR)
+        if known:
+            try:
+                client.get_run(known)
+                return known
+            except MlflowException:
+                log.warning(
+                    "parent run %s of %s is gone: starting a new one", known, study.study_name
+                )
+        experiment = tracking.ensure_experiment(settings.experiment_name)
+        chosen = client.create_run(experiment, run_name=run_name, tags=run_tags).info.run_id
+    study.set_user_attr(PARENT_RUN_ATTR, chosen)
+    return chosen
+
+
+def history_table(study: Any) -> pd.DataFrame:
+    """trial, state, value (the last reported value for a pruned trial), best_value so far."""
+    from optuna.trial import TrialState
+
+    rows = []
+    best = -np.inf
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if trial.state == TrialState.COMPLETE:
+            value = float(trial.value)
+            best = max(best, value)
+        elif trial.state == TrialState.PRUNED and trial.intermediate_values:
+            value = float(trial.intermediate_values[max(trial.intermediate_values)])
+        else:
+            continue
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "value": value,
+                "best_value": best if np.isfinite(best) else np.nan,
+            }
+        )
+    return pd.DataFrame(rows, columns=["trial", "state", "value", "best_value"])
+
+
+def per_class_table(evaluation: FamilyEvaluation, classes: list[str], level: str) -> pd.DataFrame:
+    """Precision, recall, F1 and support per genre, at the model's level and per song."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    frames = []
+    levels = [(level, evaluation.actual, evaluation.predicted)]
+    if level == "segment":
+        levels.append(("song", evaluation.song_actual, evaluation.song_predicted))
+    for name, actual, predicted in levels:
+        precision, recall, f1, support = precision_recall_fscore_support(
+            actual, predicted, labels=classes, zero_division=0
+        )
+        frames.append(
+            pd.DataFrame(
+                {
+                    "level": name,
+                    "genre": classes,
+                    "precision": precision,
+                    "recall": recall,
+                    "f1": f1,
+                    "support": support,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where the stage of one family writes (all declared in dvc.yaml)."""
+
+    record: Path  # data/train/<family>.json: what evaluate and promote read
+    reports: Path  # reports/train/<family>/: DVC plots, also logged to the MLflow parent run
+
+    @property
+    def metrics(self) -> Path:
+        """Validation and test metrics, named after the split (for `dvc metrics show`)."""
+        return self.reports / "metrics.json"
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], root: Path, family: str) -> OutputPaths:
+        stage = params.get("train", {})
+        records = params.get("evaluate", {}).get("records_dir", "data/train")
+        return cls(
+            record=resolve_path(records, root) / f"{family}.json",
+            reports=resolve_path(stage.get("reports_dir", "reports/train"), root) / family,
+        )
+
+
+def write_reports(
+    folder: Path,
+    test: FamilyEvaluation,
+    history: pd.DataFrame,
+    settings: FamilySettings,
+    data: TrainingData,
+) -> None:
+    """The optimisation history (CSV for `dvc plots`, PNG), the per-class test table and the
+    test confusion matrix (per song) of one family."""
+    from gtzan_mlops import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    history.to_csv(folder / "history.csv", index=False)
+    plots.history_png(
+        history,
+        folder / "optuna_history.png",
+        f"Optuna: {settings.family} [{data.label} split]",
+        settings.objective_key,
+    )
+    per_class_table(test, data.classes, data.level).to_csv(
+        folder / "per_class_test.csv", index=False
+    )
+    plots.confusion_png(
+        test.song_actual,
+        test.song_predicted,
+        data.classes,
+        folder / "confusion_test.png",
+        f"{settings.family}: test songs, {data.label} split",
+    )
+
+
+def refit_and_log(
+    study: Any, settings: FamilySettings, data: TrainingData, parent_run_id: str, reports: Path
+) -> dict[str, Any]:
+    """Refit the best trial, score it on the test rows, write its reports and log model,
+    metrics and reports to the parent run; returns the record for data/train/<family>.json."""
+    import mlflow
+
+    best = study.best_trial
+    hyperparameters = {**models.fixed(settings.space), **best.params}
+    budget = best.user_attrs.get(BUDGET_ATTR)
+    n_classes = len(data.classes)
+    if settings.refit_on == "train_valid":
+        result = models.fit_family(
+            settings.family,
+            hyperparameters,
+            data.train_and_valid(),
+            n_classes,
+            settings.seed,
+            budget=budget,
+        )
+    else:
+        result = models.fit_family(
+            settings.family,
+            hyperparameters,
+            data.xy("train"),
+            n_classes,
+            settings.seed,
+            valid=data.xy("valid"),
+        )
+    test = evaluate_subset(result, data, "test", settings.family)
+    history = history_table(study)
+    write_reports(reports, test, history, settings, data)
+    flavor = models.flavor_of(settings.family)
+
+    with mlflow.start_run(run_id=parent_run_id) as run:
+        # Params are fixed for a run's life; the parent is reused when more trials are added,
+        # so what more trials can change (the best trial, its settings) goes into tags.
+        mlflow.log_params(
+            {
+                "family": settings.family,
+                "level": data.level,
+                "split": data.label,
+                "objective": settings.objective_key,
+                "refit_on": settings.refit_on,
+                "seed": settings.seed,
+            }
+        )
+        mlflow.set_tags(
+            {
+                **{f"best.{name}": str(value) for name, value in hyperparameters.items()},
+                "best_trial": str(best.number),
+                "budget": str(budget),
+                "n_trials": str(settings.n_trials),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                f"best_{settings.objective_key}": float(best.value),
+                **test.metrics,
+                "trials_pruned": float((history["state"] == "PRUNED").sum()),
+            }
+        )
+        info = models.log_classifier(result.model, flavor, data.xy("train")[0].head(EXAMPLE_ROWS))
+        mlflow.log_artifacts(str(reports))
+
+    return {
+        "family": settings.family,
+        "flavor": flavor,
+        "run_id": parent_run_id,
+        "model_uri": info.model_uri,
+        "experiment_id": run.info.experiment_id,
+        "level": data.level,
+        "split": {
+            "strategy": data.summary.get("strategy"),
+            "label": data.label,
+            "leaky": bool(data.summary.get("leaky", False)),
+        },
+        "features_sha256": data.features_sha256,
+        "split_sha256": data.split_sha256,
+        "feature_settings": data.feature_settings,
+        "classes": data.classes,
+        "study": study.study_name,
+        "best_trial": best.number,
+        "best_params": best.params,
+        "budget": budget,
+        "n_trials": len(history),
+        "val_metrics": {settings.objective_key: float(best.value)},
+        "test_metrics": test.metrics,
+    }
+
+
+def write_outputs(record: dict[str, Any], paths: OutputPaths) -> None:
+    """The record evaluate reads and the DVC metrics file (split label first: every number
+    names its split)."""
+    for path in (paths.record, paths.metrics):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    paths.record.write_text(json.dumps(record, indent=2) + "\n")
+    metrics = {
+        "split": record["split"]["label"],
+        "leaky": record["split"]["leaky"],
+        "level": record["level"],
+        "trials": record["n_trials"],
+        **record["val_metrics"],
+        **record["test_metrics"],
+    }
+    paths.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def start_workers(
+    count: int, family: str, name: str, n_trials: int, root: Path, stage_arguments: list[str]
+) -> list[subprocess.Popen]:
+    """`count` processes joining study `name` (each `gtzan-mlops train --join`), reading the
+    same params (`stage_arguments`: --params and --set of this command)."""
+    processes = []
+    for worker in range(1, count + 1):
+        command = [
+            sys.executable,
+            "-m",
+            "gtzan_mlops",
+            "train",
+            "--family",
+            family,
+            "--join",
+            "--study-name",
+            name,
+            "--worker",
+            str(worker),
+            "--n-trials",
+            str(n_trials),
+            *stage_arguments,
+        ]
+        processes.append(subprocess.Popen(command, cwd=root))
+    return processes
+
+
+def run(
+    params: dict[str, Any],
+    root: Path,
+    family: str,
+    n_trials: int | None = None,
+    workers: int | None = None,
+    join: bool = False,
+    worker: int = 0,
+    name: str | None = None,
+    stage_arguments: list[str] | None = None,
+) -> dict[str, Any] | None:
+    """Tune and train `family`; with `join`, only run trials of the stage's running study."""
+    import dataclasses
+
+    import optuna
+
+    settings = FamilySettings.from_params(params, family)
+    if n_trials:
+        settings = dataclasses.replace(settings, n_trials=int(n_trials))
+    if workers:
+        settings = dataclasses.replace(settings, workers=int(workers))
+    data = load_training_data(params, root)
+    tracking.use_store(root)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tags = {
+        **tracking.run_tags(root),
+        "family": family,
+        "split": data.label,
+        "leaky": str(bool(data.summary.get("leaky", False))).lower(),
+        "level": data.level,
+        "features_sha256": data.features_sha256,
+        "split_sha256": data.split_sha256,
+    }
+    name = name or study_name(settings, data)
+
+    if join:
+        study = open_study(settings, name, root, worker=worker, create=False)
+        parent = study.user_attrs.get(PARENT_RUN_ATTR)
+        if not parent:
+            raise ConfigError(f"study {name!r} has no parent run yet: start the stage first")
+        optimise(study, settings, data, parent, tags)
+        return None
+
+    study = open_study(settings, name, root)
+    enqueue_defaults(study, settings)
+    parent = parent_run(study, settings, data, tags)
+    log.info(
+        "%s: study %s, %d of %d trials done, parent run %s",
+        family,
+        name,
+        finished_trials(study),
+        settings.n_trials,
+        parent,
+    )
+    if settings.workers > 1:
+        arguments = stage_arguments or ["--params", str(root / "params.yaml")]
+        processes = start_workers(
+            settings.workers, family, name, settings.n_trials, root, arguments
+        )
+        failed = [process.args for process in processes if process.wait() != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} Optuna worker(s) failed: {failed}")
+    else:
+        optimise(study, settings, data, parent, tags)
+    if not any(trial.state.name == "COMPLETE" for trial in study.get_trials(deepcopy=False)):
+        raise EvaluationError(f"{family}: no trial of study {name} completed")
+    paths = OutputPaths.from_params(params, root, family)
+    record = refit_and_log(study, settings, data, parent, paths.reports)
+    write_outputs(record, paths)
+    return record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", required=True, choices=models.FAMILIES)
+    parser.add_argument(
+        "--n-trials", type=float, default=0, help="trials in the study (0: params' n_trials)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="Optuna worker processes (0: params' workers)"
+    )
+    parser.add_argument(
+        "--join",
+        action="store_true",
+        help="only run trials of the stage's study (it must exist), e.g. on another machine",
+    )
+    parser.add_argument("--study-name", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def describe(record: dict[str, Any]) -> str:
+    metrics = record["test_metrics"]
+    return (
+        f"{record['family']} on the {record['split']['label']} split ({record['level']} level): "
+        f"test accuracy {metrics['test_accuracy']:.4f}, "
+        f"song accuracy {metrics['test_song_accuracy']:.4f}, model {record['model_uri']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "train",
+        __doc__,
+        lambda params, root, args: run(
+            params,
+            root,
+            args.family,
+            n_trials=int(args.n_trials),
+            workers=args.workers,
+            join=args.join,
+            worker=args.worker,
+            name=args.study_name,
+            stage_arguments=stage_arguments(args),
+        ),
+        argv,
+        errors=(EvaluationError,),
+        describe=describe,
+        arguments=add_arguments,
+    )

@@ -1,0 +1,175 @@
+"""The evaluate stage on a tiny synthetic setup: scores, song-level votes, winner, DVC files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow_helpers import (
+    GENRES,
+    SEGMENTS_PER_SONG,
+    TEST_SONGS,
+    fit_confusing,
+    log_sklearn,
+    sqlite_store,
+    synthetic_test_data,
+    training_record,
+)
+
+from gtzan_mlops.config import ConfigError
+from gtzan_mlops.evaluate import (
+    EvaluationError,
+    choose_winner,
+    evaluate_records,
+    load_family_record,
+    score_classifier,
+    selection_metric,
+    song_probabilities,
+    split_label,
+)
+from gtzan_mlops.features import FEATURE_NAMES
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Three families logged in a throwaway store: a good segment-level candidate, a worse
+    clip-level candidate, and a non-candidate 'classic' model that is better than both."""
+    data, train = synthetic_test_data()
+    with sqlite_store(tmp_path_factory.mktemp("evaluate-store")):
+        models = {
+            "fnn": (fit_confusing(train["segment"], 2), "segment"),
+            "xgboost": (fit_confusing(train["clip"], 5), "clip"),
+            "svm": (fit_confusing(train["segment"], 0), "segment"),
+        }
+        records = {
+            family: training_record(family, log_sklearn(model, family), level, data)
+            for family, (model, level) in models.items()
+        }
+        yield data, records, {family: model for family, (model, _) in models.items()}
+
+
+def test_scores_every_family_and_only_a_candidate_wins(setup, tmp_path):
+    data, records, _ = setup
+    summary = evaluate_records(
+        {**records, "fnn_simple": None},
+        data,
+        candidates=["fnn", "fnn_simple", "xgboost"],
+        metric="test_song_macro_f1",
+        classes=GENRES,
+        output_dir=tmp_path,
+    )
+    written = json.loads((tmp_path / "evaluation.json").read_text())
+    assert written == summary
+    assert summary["split"] == "synthetic-by-track" and summary["leaky"] is False
+    families = summary["families"]
+    assert set(families) == {"fnn", "xgboost", "svm"}
+    assert summary["skipped"] == {"fnn_simple": "no training record"}
+    for name, scores in families.items():
+        assert scores["split"] == "synthetic-by-track"
+        assert scores["candidate"] is (name != "svm")
+        for key in ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1"):
+            assert 0.0 <= scores[f"test_{key}"] <= 1.0
+    # The classic model is the best, but not a candidate: fnn (8 of 10 genres right) wins.
+    assert families["svm"]["test_song_macro_f1"] > families["fnn"]["test_song_macro_f1"]
+    assert families["fnn"]["test_song_macro_f1"] > families["xgboost"]["test_song_macro_f1"]
+    assert summary["winner"] == "fnn"
+    assert summary["winner_test_song_macro_f1"] == families["fnn"]["test_song_macro_f1"]
+    assert families["fnn"]["test_song_accuracy"] == pytest.approx(0.8)
+    assert families["xgboost"]["test_accuracy"] == pytest.approx(0.5)
+
+    songs = len(GENRES) * len(TEST_SONGS)
+    assert families["fnn"]["test_items"] == songs * SEGMENTS_PER_SONG
+    assert families["fnn"]["test_songs"] == songs
+    # For a clip-level model a song is a clip: its song metrics are its clip metrics.
+    assert families["xgboost"]["test_items"] == families["xgboost"]["test_songs"] == songs
+    assert families["xgboost"]["test_song_accuracy"] == families["xgboost"]["test_accuracy"]
+
+    confusion = pd.read_csv(tmp_path / "confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert len(confusion) == songs
+    assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(0.8)
+    per_class = pd.read_csv(tmp_path / "per_class_f1.csv")
+    assert list(per_class["genre"]) == GENRES
+    assert per_class.set_index("genre").loc["rock", "f1"] == pytest.approx(1.0)
+
+
+def test_song_votes_average_segment_probabilities(setup):
+    data, _, models = setup
+    model = models["fnn"]
+    rows = data.segments
+    evaluation = score_classifier(model, "segment", GENRES, 20, rows, family="fnn")
+    probabilities = model.predict_proba(rows[list(FEATURE_NAMES)])
+    by_song = pd.DataFrame(probabilities).groupby(rows["track_id"].to_numpy()).mean()
+    expected = np.asarray(GENRES)[by_song.to_numpy().argmax(axis=1)]
+    truth = rows.groupby("track_id")["genre"].first().loc[by_song.index]
+    assert evaluation.metrics["test_song_accuracy"] == pytest.approx((expected == truth).mean())
+    assert evaluation.song_predicted == list(expected)
+
+
+def test_a_leaky_split_says_so_in_every_score(setup, tmp_path):
+    _, records, _ = setup
+    leaky, _ = synthetic_test_data(leaky=True)
+    record = {**records["fnn"], "split": {"strategy": "random", "label": "random", "leaky": True}}
+    summary = evaluate_records({"fnn": record}, leaky, ["fnn"], "test_accuracy", GENRES, tmp_path)
+    assert summary["leaky"] is True
+    assert summary["split"] == "random-leaky"
+    assert summary["families"]["fnn"]["split"] == "random-leaky"
+
+
+def test_records_of_other_data_are_skipped_with_the_reason(setup, tmp_path):
+    data, records, _ = setup
+    other_split = {**records["xgboost"], "split_sha256": "an-older-split"}
+    other_features = {**records["fnn"], "features_sha256": "older-features"}
+    summary = evaluate_records(
+        {"fnn": other_features, "xgboost": other_split, "svm": records["svm"]},
+        data,
+        ["fnn", "xgboost", "svm"],
+        "test_accuracy",
+        GENRES,
+        tmp_path,
+    )
+    assert summary["skipped"] == {
+        "fnn": "trained on another version of the features",
+        "xgboost": "trained on another split",
+    }
+    assert list(summary["families"]) == ["svm"]
+    assert summary["winner"] == "svm"
+
+
+def test_no_candidate_left_is_an_error(setup, tmp_path):
+    data, records, _ = setup
+    with pytest.raises(EvaluationError, match="none of the candidate families"):
+        evaluate_records({"svm": records["svm"]}, data, ["fnn"], "test_accuracy", GENRES, tmp_path)
+
+
+def test_song_probabilities_are_means_per_sorted_track():
+    tracks, means = song_probabilities(
+        np.array(["b", "a", "b", "a"]), np.array([[1.0, 0.0], [0.2, 0.8], [0.0, 1.0], [0.4, 0.6]])
+    )
+    assert list(tracks) == ["a", "b"]
+    np.testing.assert_allclose(means, [[0.3, 0.7], [0.5, 0.5]])
+
+
+def test_winner_ties_go_to_the_earlier_candidate():
+    scores = {"a": {"m": 0.5}, "b": {"m": 0.7}, "c": {"m": 0.7}, "d": {"m": 0.9}}
+    assert choose_winner(scores, ["c", "b", "a"], "m") == "c"
+    assert choose_winner(scores, ["b", "c"], "m") == "b"
+    with pytest.raises(EvaluationError, match="selection metric"):
+        choose_winner({"a": {}}, ["a"], "m")
+
+
+def test_split_label_and_settings_validation(tmp_path):
+    assert split_label({"label": "artist-filtered", "leaky": False}) == "artist-filtered"
+    assert split_label({"label": "random segments", "leaky": True}) == "random segments-leaky"
+    assert split_label({"label": "leaky-random", "leaky": True}) == "leaky-random"
+    assert selection_metric({"metric": "test_macro_f1"}) == "test_macro_f1"
+    with pytest.raises(ConfigError, match=r"evaluate\.metric"):
+        selection_metric({"metric": "valid_accuracy"})
+    path = tmp_path / "fnn.json"
+    path.write_text(json.dumps({"family": "fnn", "level": "song"}))
+    with pytest.raises(EvaluationError, match="missing flavor"):
+        load_family_record(path)
+    with pytest.raises(EvaluationError, match="no such file"):
+        load_family_record(tmp_path / "absent.json")

@@ -1,0 +1,96 @@
+"""MLproject: parameters default to params.yaml; `mlflow run` runs a stage into the store."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from live_services import clean_env, synthetic_feature_tables
+
+from gtzan_mlops import split
+from gtzan_mlops.config import ConfigError, apply_overrides, load_params, section
+
+OVERRIDE = re.compile(r"--set (?P<key>[\w.]+)=\{(?P<parameter>\w+)\}")
+
+
+def _entry_points(repo_root: Path) -> dict:
+    return yaml.safe_load((repo_root / "MLproject").read_text())["entry_points"]
+
+
+def test_every_stage_has_an_entry_point(repo_root):
+    commands = {name: entry["command"] for name, entry in _entry_points(repo_root).items()}
+    assert commands["main"] == "dvc repro"
+    for stage in ("fetch", "features", "split", "train", "evaluate", "promote", "predict"):
+        assert commands[stage].startswith(f"gtzan-mlops {stage}")
+
+
+def test_parameter_defaults_are_the_values_in_params_yaml(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    checked = 0
+    for name, entry in _entry_points(repo_root).items():
+        for match in OVERRIDE.finditer(entry["command"]):
+            default = entry["parameters"][match["parameter"]]["default"]
+            assert section(params, match["key"]) == default, (name, match["key"])
+            checked += 1
+    assert checked >= 7
+
+
+def test_overrides_parse_values_and_reject_unknown_keys():
+    params = {"split": {"seed": 0, "strategy": "song_grouped"}, "train": {"workers": 1}}
+    apply_overrides(params, ["split.seed=3.0", "train.workers=2", "split.strategy=random_segments"])
+    assert params == {
+        "split": {"seed": 3.0, "strategy": "random_segments"},
+        "train": {"workers": 2},
+    }
+    with pytest.raises(ConfigError, match=r"no setting 'split\.sead'"):
+        apply_overrides(params, ["split.sead=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides(params, ["split.seed"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
+    """`mlflow run . -e train -P family=knn --env-manager local` as the README shows it: the
+    stage's parent run is the run `mlflow run` made, with the nested trials under it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("MLproject", "python_env.yaml", "params.yaml"):
+        shutil.copy(repo_root / name, project / name)
+    clips, segments = synthetic_feature_tables(4)
+    (project / "data/features").mkdir(parents=True)
+    clips.to_csv(project / "data/features/features_30_sec.csv", index=False)
+    segments.to_csv(project / "data/features/features_3_sec.csv", index=False)
+    split.run(load_params(project / "params.yaml"), project)
+
+    store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "run", str(project), "-e", "train",
+        "-P", "family=knn", "-P", "n_trials=2", "--env-manager", "local",
+        "--experiment-name", "gtzan-genre",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=project, env=clean_env(MLFLOW_TRACKING_URI=store), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    mlflow.set_tracking_uri(store)
+    try:
+        runs = mlflow.search_runs(experiment_names=["gtzan-genre"])
+        parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+        assert len(parents) == 1
+        parent = parents.iloc[0]
+        assert parent["tags.mlflow.runName"] == "train-knn [song-grouped]"
+        assert parent["params.family"] == "knn"  # the MLproject parameter, logged by mlflow run
+        assert parent["tags.mlflow.project.entryPoint"] == "train"
+        trials = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+        assert len(trials) == 2
+        assert (project / "data/train/knn.json").is_file()
+    finally:
+        mlflow.set_tracking_uri(None)

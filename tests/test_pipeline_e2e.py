@@ -1,0 +1,234 @@
+"""End to end: `dvc repro` of the whole pipeline on the 70 real clips, in a fresh copy of the
+repository, and what DVC and MLflow users do next.
+
+Small budgets (a trial or two per family, few epochs and trees), so it checks the wiring of every
+stage rather than model quality: fetch lists 70 usable clips, features gives 70 clip rows and 700
+segment rows, every family trains, the winner is registered as `champion`, `predict` answers for
+a real clip; a second `dvc repro` does nothing; a changed parameter reruns only the stages that
+read it; `dvc exp run -S` and the experiment queue log into the same MLflow store, tagged with
+the experiment's name; `dvc push`/`dvc pull` round-trip the audio and features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from live_services import QUICK_BUDGETS, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 1200) -> str:
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result.stdout + result.stderr
+
+
+def _copy_repository(source: Path, target: Path) -> None:
+    """The files git would put in a fresh clone, including uncommitted edits to them."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        if (source / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target / name)
+
+
+def _stages_run(output: str) -> set[str]:
+    return {
+        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
+    }
+
+
+def _commit(repo: Path, env: dict[str, str], message: str) -> None:
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", message, "--allow-empty"], repo, env)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, repo_root, gtzan_mini):
+    """A fresh copy of the repository reading the 70 real clips, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    repo.mkdir()
+    _copy_repository(repo_root, repo)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "OPTUNA_", "DVC_"))
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.invalid",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.invalid",
+    )
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    set_params(
+        repo / "params.yaml",
+        {
+            "data.source": "local",
+            "data.local_dir": str(gtzan_mini),
+            **QUICK_BUDGETS,
+            **{f"train.{family}.n_trials": 1 for family in params["train"]["families"]},
+        },
+    )
+    # The copy's own remote, so the test never writes beside the developer's checkout.
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "remote", "add", "-f", "-d", "local", str(repo.parent / "remote")], repo, env)
+    _commit(repo, env, "copy")
+    started = time.monotonic()
+    first = _run(["dvc", "repro"], repo, env)
+    print(f"\nfirst dvc repro on the 70 real clips: {time.monotonic() - started:.0f} s")
+    _commit(repo, env, "repro")
+    return repo, env, first
+
+
+def _store(repo: Path) -> str:
+    return f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+
+
+def _runs(repo: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(_store(repo))
+    try:
+        return mlflow.search_runs(experiment_names=["gtzan-genre"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_repro_runs_every_stage_on_the_real_clips(pipeline):
+    repo, _, first = pipeline
+    families = yaml.safe_load((repo / "params.yaml").read_text())["train"]["families"]
+    assert _stages_run(first) == {
+        "fetch", "features", "pca", "split", "evaluate", "promote",
+        *(f"train@{family}" for family in families),
+    }  # fmt: skip
+
+    manifest = pd.read_csv(repo / "data/manifest.csv")
+    assert len(manifest) == 70 and (manifest["status"] == "ok").all()
+    assert len(pd.read_csv(repo / "data/features/features_30_sec.csv")) == 70
+    assert len(pd.read_csv(repo / "data/features/features_3_sec.csv")) == 700
+
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluation["split"] == "song-grouped" and evaluation["leaky"] is False
+    assert evaluation["winner"] in ("fnn", "fnn_simple", "xgboost")
+    assert set(evaluation["test_song_macro_f1"]) == set(families)
+    promotion = json.loads((repo / "metrics/promotion.json").read_text())
+    assert promotion["promoted"] is True and promotion["champion_version"] == 1
+
+    runs = _runs(repo)
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    names = set(parents["tags.mlflow.runName"])
+    assert {f"train-{family} [song-grouped]" for family in families} <= names
+    assert {"evaluate [song-grouped]", "pca [30 s features]"} <= names
+    trials = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(trials) == len(families)  # one trial each, in the same experiment as the parents
+    assert (runs["tags.git_commit"].str.len() >= 40).all()
+    assert runs["tags.dvc.data_raw_md5"].notna().all()
+
+
+def test_predict_answers_for_a_real_clip_with_the_champion(pipeline, gtzan_mini):
+    repo, env, _ = pipeline
+    clip = gtzan_mini / "genres" / "rock" / "rock.00006.wav"
+    output = _run(["gtzan-mlops", "predict", str(clip)], repo, env)
+    line = next(line for line in output.splitlines() if line.startswith(str(clip)))
+    genre = line.split(": ", 1)[1].split()[0]
+    assert genre in yaml.safe_load((repo / "params.yaml").read_text())["genres"]
+
+
+def test_second_repro_does_nothing(pipeline):
+    repo, env, _ = pipeline
+    output = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(output) == set(), output
+
+
+def test_changed_feature_parameter_reruns_only_the_features_stage(pipeline):
+    repo, env, _ = pipeline
+    # `workers` is in the features section but changes no value: features rerun (reading the
+    # per-clip cache), write identical tables, and DVC leaves every downstream stage alone.
+    set_params(repo / "params.yaml", {"features.workers": 1})
+    output = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(output) == {"features"}, output
+    _commit(repo, env, "features.workers")
+
+
+def test_exp_run_of_a_search_space_reruns_only_that_family(pipeline):
+    repo, env, _ = pipeline
+    output = _run(
+        ["dvc", "exp", "run", "-n", "knn-wider", "-S", "train.knn.space.n_neighbors.high=20"],
+        repo,
+        env,
+    )
+    assert _stages_run(output) == {"train@knn", "evaluate", "promote"}, output
+    runs = _runs(repo)
+    tagged = runs[runs["tags.dvc.exp_name"] == "knn-wider"]
+    assert set(tagged["tags.mlflow.runName"]) >= {"train-knn [song-grouped]", "knn-trial-000"}
+    # The README's view: what changed between experiments, and the winner.
+    shown = _run(
+        ["dvc", "exp", "show", "--no-pager", "--csv", "--only-changed", "--keep", "winner.*"],
+        repo,
+        env,
+    )
+    columns = shown.splitlines()[0].split(",")
+    assert {"winner", "winner_test_song_macro_f1", "train.knn.space.n_neighbors.high"} <= set(
+        columns
+    )
+    assert len(columns) < 15, columns
+
+
+def test_queued_experiment_runs_in_a_temporary_copy_into_the_same_store(pipeline):
+    repo, env, _ = pipeline
+    _run(
+        ["dvc", "exp", "run", "--queue", "-n", "queued-sgd", "-S", "train.sgd.n_trials=2"],
+        repo,
+        env,
+    )
+    _run(["dvc", "queue", "start"], repo, env)
+    deadline = time.monotonic() + 600
+    while "queued-sgd" not in _run(["dvc", "exp", "ls", "--all-commits"], repo, env):
+        assert time.monotonic() < deadline, _run(["dvc", "queue", "status"], repo, env)
+        time.sleep(5)
+    status = _run(["dvc", "queue", "status"], repo, env)
+    assert "Success" in status, status
+    runs = _runs(repo)  # the real repository's store, not the temporary copy's
+    queued = runs[runs["tags.dvc.exp_name"] == "queued-sgd"]
+    assert "train-sgd [song-grouped]" in set(queued["tags.mlflow.runName"])
+    _run(["dvc", "queue", "stop"], repo, env)
+
+
+def test_push_and_pull_round_trip_audio_and_features(pipeline):
+    repo, env, _ = pipeline
+    _run(["dvc", "push"], repo, env)
+    tables = ["data/manifest.csv", "data/features/features_3_sec.csv"]
+    before = {name: (repo / name).read_bytes() for name in tables}
+    clip = repo / "data/raw/genres/jazz/jazz.00002.wav"
+    clip_bytes = clip.read_bytes()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "raw")
+    for name in tables:
+        (repo / name).unlink()
+    _run(["dvc", "pull"], repo, env)
+    assert {name: (repo / name).read_bytes() for name in tables} == before
+    assert clip.read_bytes() == clip_bytes
+    assert len(list((repo / "data/raw/genres").glob("*/*.wav"))) == 70

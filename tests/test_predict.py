@@ -1,0 +1,77 @@
+"""`gtzan-mlops predict`: real clips through the champion, bad files reported, others classified."""
+
+from __future__ import annotations
+
+import re
+
+import mlflow
+import pytest
+import yaml
+from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
+
+from gtzan_mlops import predict
+
+MODEL_NAME = "gtzan-predict-test"
+LINE = re.compile(r"^(?P<path>.+): (?P<genre>\w+)  \((?P<top>.+)\)$")
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, reference_table):
+    """A registered serving model with the champion alias, in a throwaway store."""
+    with sqlite_store(tmp_path_factory.mktemp("predict-store")) as uri:
+        served = log_served(log_sklearn(reference_classifier(reference_table)), level="segment")
+        version = mlflow.register_model(served, MODEL_NAME)
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version.version)
+        yield uri
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"genres": GENRES, "promote": {"model_name": MODEL_NAME}}))
+    return path
+
+
+def test_classifies_files_with_the_champion_and_reports_a_bad_one(
+    champion, params_file, gtzan_mini, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion)
+    clips = [gtzan_mini / "genres" / genre / f"{genre}.00002.wav" for genre in ("rock", "pop")]
+    broken = tmp_path / "broken.wav"
+    broken.write_text("not audio")
+    files = [str(clips[0]), str(broken), str(clips[1])]
+
+    code = predict.main([*files, "--params", str(params_file)])
+    out, err = capsys.readouterr()
+    assert code == 1  # one file failed
+    lines = out.strip().splitlines()
+    assert len(lines) == 2  # both good files classified, in order, despite the bad one between
+    for line, clip in zip(lines, clips, strict=True):
+        match = LINE.match(line)
+        assert match, line
+        assert match["path"] == str(clip)
+        assert match["genre"] in GENRES
+        top = [item.rsplit(" ", 1) for item in match["top"].split(", ")]
+        assert len(top) == 3
+        assert top[0][0] == match["genre"]
+        probabilities = [float(value) for _, value in top]
+        assert probabilities == sorted(probabilities, reverse=True)
+    assert f"{broken}: FAILED: {broken}: not decodable as audio" in err
+    assert "1 of 3 files could not be classified" in err
+
+
+def test_explicit_model_uri_and_all_good_files_exit_zero(champion, gtzan_mini, capsys):
+    clip = gtzan_mini / "genres" / "blues" / "blues.00000.wav"
+    code = predict.main([str(clip), "--model", f"models:/{MODEL_NAME}/1", "--top", "2"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    match = LINE.match(out.strip())
+    assert match and len(match["top"].split(", ")) == 2
+
+
+def test_missing_model_is_a_clear_error(champion, gtzan_mini, capsys):
+    clip = gtzan_mini / "genres" / "blues" / "blues.00000.wav"
+    code = predict.main([str(clip), "--model", "models:/no-such-model@champion"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert "cannot load the model models:/no-such-model@champion" in err

@@ -1,0 +1,159 @@
+"""The split stage: sizes, stratification, no leakage, determinism, the artist-filtered lists."""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+from live_services import GENRES, synthetic_feature_tables
+
+from gtzan_mlops import split
+from gtzan_mlops.config import ConfigError
+from gtzan_mlops.evaluate import split_label
+
+SONGS_PER_GENRE = 10
+
+
+@pytest.fixture(scope="module")
+def tables():
+    clips, segments = synthetic_feature_tables(SONGS_PER_GENRE)
+    return clips[["track_id", "genre"]], segments[["track_id", "segment", "genre"]]
+
+
+def _split(tables, tmp_path, **stage):
+    clips, segments = tables
+    return split.make_split(clips, segments, {"seed": 0, **stage}, tmp_path)
+
+
+@pytest.mark.parametrize("strategy", ["clip_stratified", "song_grouped"])
+def test_grouped_strategies_keep_songs_whole_and_stratify(tables, tmp_path, strategy):
+    assignments, summary = _split(tables, tmp_path, strategy=strategy)
+    assert summary["leaky"] is False and "leaky" not in summary["label"]
+    assert summary["level"] == ("clip" if strategy == "clip_stratified" else "segment")
+    assert summary["leakage"] == {"tracks_on_several_sides": 0}
+    # 10 songs per genre: 3 test (30 %), then 20 % of the other 7 (1) valid, 6 train.
+    counts = assignments.groupby(["genre", "subset"]).size().unstack()
+    assert (counts["test"] == 3).all() and (counts["valid"] == 1).all()
+    assert (counts["train"] == 6).all()
+    assert assignments["track_id"].is_unique
+    segments = split.attach_subsets(tables[1], assignments)
+    assert segments.groupby("track_id")["subset"].nunique().max() == 1
+
+
+def test_split_is_deterministic_and_follows_the_seed(tables, tmp_path):
+    first, _ = _split(tables, tmp_path, strategy="song_grouped")
+    again, _ = _split(tables, tmp_path, strategy="song_grouped")
+    pd.testing.assert_frame_equal(first, again)
+    other, _ = _split(tables, tmp_path, strategy="song_grouped", seed=1)
+    assert not first["subset"].equals(other["subset"])
+
+
+def test_random_segments_is_labelled_leaky_and_its_leak_is_measured(tables, tmp_path):
+    assignments, summary = _split(tables, tmp_path, strategy="random_segments")
+    assert summary["leaky"] is True
+    assert split_label(summary) == "random-segments-leaky"
+    assert list(assignments.columns) == ["track_id", "segment", "genre", "subset"]
+    # Segments of most songs land on several sides: the reason this split is leaky.
+    assert summary["leakage"]["tracks_on_several_sides"] > len(GENRES) * SONGS_PER_GENRE / 2
+    with_subsets = split.attach_subsets(tables[1], assignments)
+    assert with_subsets["subset"].notna().all()
+    # A clip table cannot be split by segment: no clip gets a subset.
+    assert split.attach_subsets(tables[0], assignments)["subset"].isna().all()
+
+
+def test_leakage_check_fails_a_non_leaky_split_with_the_ids(tables, tmp_path):
+    assignments, _ = _split(tables, tmp_path, strategy="song_grouped")
+    leaked = pd.concat([assignments, assignments.head(2).assign(subset="test")])
+    leaked = leaked.drop_duplicates()
+    strategy = split.STRATEGIES["song_grouped"]
+    with pytest.raises(split.LeakageError, match=r"tracks: blues\.00000"):
+        split.check_leakage(leaked, strategy, None)
+    # The same duplication is only counted for the leaky protocol.
+    counted = split.check_leakage(leaked, split.STRATEGIES["random_segments"], None)
+    assert counted["tracks_on_several_sides"] >= 1
+
+
+def test_artists_stay_on_one_side_and_are_checked(tables, tmp_path):
+    clips = tables[0]
+    # Synthetic artists: three consecutive songs of a genre share one.
+    artists = clips.assign(artist=clips["genre"] + "-artist-" + (clips.index % 10 // 3).astype(str))
+    artists[["track_id", "artist"]].to_csv(tmp_path / "artists.csv", index=False)
+    assignments, summary = _split(
+        tables, tmp_path, strategy="song_grouped", artists_file=str(tmp_path / "artists.csv")
+    )
+    merged = assignments.merge(artists[["track_id", "artist"]], on="track_id")
+    assert merged.groupby("artist")["subset"].nunique().max() == 1
+    assert summary["leakage"] == {"tracks_on_several_sides": 0, "artists_on_several_sides": 0}
+
+    moved = assignments.copy()
+    first_artist_tracks = merged.loc[merged["artist"] == "blues-artist-0", "track_id"]
+    moved.loc[moved["track_id"] == first_artist_tracks.iloc[0], "subset"] = "test"
+    moved.loc[moved["track_id"] == first_artist_tracks.iloc[1], "subset"] = "train"
+    with pytest.raises(split.LeakageError, match="artists: blues-artist-0"):
+        split.check_leakage(
+            moved, split.STRATEGIES["song_grouped"], artists[["track_id", "artist"]]
+        )
+
+
+def test_artist_filtered_lists_on_the_real_clips(gtzan_mini, shared_dir, tmp_path):
+    """The 70 real clips against the 443/197/290 lists: found clips keep their list's subset, the
+    listed clips without audio are reported per subset."""
+    tracks = pd.DataFrame(
+        [(path.stem, path.parent.name) for path in sorted(gtzan_mini.glob("genres/*/*.wav"))],
+        columns=["track_id", "genre"],
+    )
+    lists_dir = shared_dir / "data" / "gtzan_splits"
+    lists = split.read_filtered_lists(lists_dir)
+    assert [len(lists[subset]) for subset in split.SUBSETS] == [443, 197, 290]
+
+    assignments, summary = split.make_split(
+        tracks,
+        pd.DataFrame(columns=["track_id", "segment", "genre"]),
+        {"strategy": "artist_filtered", "artist_filtered": {"lists_dir": str(lists_dir)}},
+        tmp_path,
+    )
+    assert summary["label"] == "artist-filtered" and summary["leaky"] is False
+    listed = {track: subset for subset, ids in lists.items() for track in ids}
+    assert all(
+        listed[t] == s for t, s in zip(assignments.track_id, assignments.subset, strict=True)
+    )
+    found = len(assignments)
+    missing = summary["missing_from_audio"]
+    assert sum(map(len, missing.values())) == 930 - found
+    assert summary["available_but_unlisted"] == 70 - found
+    assert set(missing["test"]).isdisjoint(tracks["track_id"])
+
+
+def test_artist_filtered_lists_are_downloaded_when_no_folder_is_given(shared_dir, tmp_path):
+    lists_dir = shared_dir / "data" / "gtzan_splits"
+    handler = partial(SimpleHTTPRequestHandler, directory=str(lists_dir))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        folder = split.download_filtered_lists(url, tmp_path / "lists", timeout_s=10)
+        assert split.read_filtered_lists(folder) == split.read_filtered_lists(lists_dir)
+        with pytest.raises(ConfigError, match="could not download"):
+            split.download_filtered_lists(f"{url}/nowhere", tmp_path / "other", timeout_s=10)
+    finally:
+        server.shutdown()
+
+
+def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
+    clips, segments = synthetic_feature_tables(4)
+    features = tmp_path / "data" / "features"
+    features.mkdir(parents=True)
+    clips.to_csv(features / "features_30_sec.csv", index=False)
+    segments.to_csv(features / "features_3_sec.csv", index=False)
+    summary = split.run({"split": {"strategy": "song_grouped"}}, tmp_path)
+    assignments, written = split.load_split(tmp_path / "data" / "split")
+    assert written == json.loads(json.dumps(summary))
+    assert len(assignments) == len(clips)
+    # Four songs per genre: every subset still gets one of each genre.
+    assert all(len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in split.SUBSETS)
+    with pytest.raises(ConfigError, match=r"split\.strategy must be one of"):
+        split.run({"split": {"strategy": "by_mood"}}, tmp_path)

@@ -1,0 +1,229 @@
+"""The training stage: every family tunes, logs nested trials and a loadable model; studies resume,
+are shared safely by parallel workers, and give the same model for the same seed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from live_services import small_project
+
+from gtzan_mlops import models, tracking, train
+from gtzan_mlops.config import ConfigError, load_params
+from gtzan_mlops.features import FEATURE_NAMES
+
+
+def make_project(folder: Path, repo_root: Path, n_trials: int = 2) -> Path:
+    """A project with every family, the default stores (mlruns/, optuna/) inside it."""
+    return small_project(folder, repo_root, list(models.FAMILIES), n_trials)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root):
+    """One project for the module, with the default stores (mlruns/, optuna/) inside it."""
+    folder = make_project(tmp_path_factory.mktemp("train") / "project", repo_root)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT", "DVC_EXP_NAME"):
+            patch.delenv(name, raising=False)
+        yield folder
+    mlflow.set_tracking_uri(None)
+
+
+def _nested_runs(parent_run_id: str) -> pd.DataFrame:
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
+    params = load_params(project / "params.yaml")
+    record = train.run(params, project, family)
+
+    # The record evaluate reads, and the DVC metrics file naming its split.
+    assert json.loads((project / "data/train" / f"{family}.json").read_text()) == record
+    metrics = json.loads((project / "reports/train" / family / "metrics.json").read_text())
+    assert metrics["split"] == "song-grouped" and metrics["leaky"] is False
+    assert 0.0 <= metrics["test_song_accuracy"] <= 1.0
+    assert record["level"] == "segment" and record["flavor"] == models.flavor_of(family)
+
+    # One parent run with one nested run per trial, all with the same metric names.
+    assert mlflow.get_tracking_uri() == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    parent = mlflow.get_run(record["run_id"])
+    assert parent.info.run_name == f"train-{family} [song-grouped]"
+    assert parent.data.tags["split"] == "song-grouped"
+    assert "git_commit" in parent.data.tags
+    assert {"test_accuracy", "test_song_accuracy", "best_valid_accuracy"} <= set(
+        parent.data.metrics
+    )
+    trials = _nested_runs(record["run_id"])
+    assert len(trials) == 2
+    assert (trials["experiment_id"] == parent.info.experiment_id).all()
+    complete = trials[trials["tags.optuna.state"] == "COMPLETE"]
+    assert complete["metrics.valid_accuracy"].notna().all()
+    assert complete["metrics.valid_song_macro_f1"].notna().all()
+    artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(record["run_id"])}
+    assert {"confusion_test.png", "per_class_test.csv", "optuna_history.png", "history.csv"} <= (
+        artifacts
+    )
+    assert (project / "reports/train" / family / "optuna_history.png").is_file()
+
+    # The logged model loads and gives probabilities over the ten genres.
+    model = models.load_classifier(record["model_uri"], record["flavor"])
+    rows = pd.read_csv(project / "data/features/features_3_sec.csv").head(7)
+    probabilities = model.predict_proba(rows[list(FEATURE_NAMES)])
+    assert probabilities.shape == (7, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    info = mlflow.models.get_model_info(record["model_uri"])
+    assert info.signature is not None and info.saved_input_example_info is not None
+
+
+def test_first_trial_is_the_source_studys_settings(project):
+    params = load_params(project / "params.yaml")
+    record = train.run(params, project, "knn")  # resumes the study if it already exists
+    settings = train.FamilySettings.from_params(params, "knn")
+    study = optuna.load_study(
+        study_name=record["study"], storage=tracking.optuna_storage("knn", project)
+    )
+    assert study.trials[0].params == settings.defaults
+
+
+def test_rerun_resumes_the_study_and_more_trials_extend_it(project):
+    params = load_params(project / "params.yaml")
+    first = train.run(params, project, "naive_bayes")
+    again = train.run(params, project, "naive_bayes")
+    assert again["study"] == first["study"] and again["run_id"] == first["run_id"]
+    assert len(_nested_runs(first["run_id"])) == 2  # no trial ran twice
+    more = train.run(params, project, "naive_bayes", n_trials=3)
+    assert more["run_id"] == first["run_id"] and more["n_trials"] == 3
+    assert len(_nested_runs(first["run_id"])) == 3
+    # Another search space is another study, under a new parent run.
+    params["train"]["naive_bayes"]["space"]["var_smoothing"]["high"] = 1.0e-3
+    changed = train.run(params, project, "naive_bayes")
+    assert changed["study"] != first["study"] and changed["run_id"] != first["run_id"]
+
+
+@pytest.mark.parametrize("family", ["fnn_simple", "xgboost", "random_forest"])
+def test_same_seed_gives_the_same_model(tmp_path, repo_root, monkeypatch, family):
+    """Two fresh projects (separate stores and studies): identical trials and predictions."""
+    for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    predictions = []
+    for copy in ("a", "b"):
+        folder = make_project(tmp_path / copy, repo_root, n_trials=3)
+        record = train.run(load_params(folder / "params.yaml"), folder, family)
+        model = models.load_classifier(record["model_uri"], record["flavor"])
+        rows = pd.read_csv(folder / "data/features/features_3_sec.csv")
+        predictions.append((record["best_params"], model.predict_proba(rows[list(FEATURE_NAMES)])))
+        mlflow.set_tracking_uri(None)
+    assert predictions[0][0] == predictions[1][0]
+    np.testing.assert_array_equal(predictions[0][1], predictions[1][1])
+
+
+def test_two_worker_processes_share_the_study_and_lose_no_trial(tmp_path, repo_root, monkeypatch):
+    """`--workers 2`: two processes write trials to one journal file and one MLflow store at
+    once; every trial is recorded exactly once in Optuna and once in MLflow."""
+    for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    folder = make_project(tmp_path / "parallel", repo_root, n_trials=10)
+    params = load_params(folder / "params.yaml")
+    record = train.run(params, folder, "knn", workers=2)
+
+    study = optuna.load_study(
+        study_name=record["study"], storage=tracking.optuna_storage("knn", folder)
+    )
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) >= 10  # workers stop at 10; a trial each may already be under way
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in finished)
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in finished]
+    assert len(set(run_ids)) == len(run_ids)
+    nested = _nested_runs(record["run_id"])
+    assert sorted(nested["run_id"]) == sorted(run_ids)
+    assert sorted(nested["tags.optuna.trial"].astype(int)) == sorted(t.number for t in finished)
+
+
+def test_joining_a_study_that_does_not_exist_is_a_clear_error(project):
+    params = load_params(project / "params.yaml")
+    with pytest.raises(ConfigError, match="start the stage first"):
+        train.run(params, project, "svm", join=True, name="svm-no-such-study")
+
+
+def test_pruning_hook_stops_keras_and_xgboost(project):
+    data = train.load_training_data(load_params(project / "params.yaml"), project)
+
+    def prune_at_two(step: int, value: float) -> None:
+        if step >= 2:
+            raise optuna.TrialPruned()
+
+    space = {"learning_rate": 0.01, "batch_size": 64, "epochs": 10, "patience": 5}
+    with pytest.raises(optuna.TrialPruned):
+        models.fit_family(
+            "fnn_simple", space, data.xy("train"), 10, 0, data.xy("valid"), None, prune_at_two
+        )
+    rounds = {"n_estimators": 100, "early_stopping_rounds": 100, "learning_rate": 0.1}
+    seen = []
+    with pytest.raises(optuna.TrialPruned):
+        models.fit_family(
+            "xgboost",
+            rounds,
+            data.xy("train"),
+            10,
+            0,
+            data.xy("valid"),
+            None,
+            lambda step, value: (seen.append(step), prune_at_two(len(seen), value)),
+        )
+    assert seen == [10, 20]
+
+
+def test_search_space_entries(project):
+    trial = optuna.trial.FixedTrial({"n": 3, "rate": 0.01, "kind": "b"})
+    space = {
+        "n": {"type": "int", "low": 1, "high": 5},
+        "rate": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+        "kind": {"type": "categorical", "choices": ["a", "b"]},
+        "fixed": 7,
+    }
+    assert models.suggest(trial, space) == {"n": 3, "rate": 0.01, "kind": "b", "fixed": 7}
+    assert models.tunable(space) == ["n", "rate", "kind"] and models.fixed(space) == {"fixed": 7}
+    with pytest.raises(ConfigError, match="type must be int, float or categorical"):
+        models.suggest(trial, {"n": {"type": "integer", "low": 1, "high": 2}})
+    with pytest.raises(ConfigError, match="lacks 'high'"):
+        models.suggest(trial, {"n": {"type": "int", "low": 1}})
+    assert models.hidden_layers("512-256") == (512, 256)
+    with pytest.raises(ConfigError, match="hidden_layers"):
+        models.hidden_layers("wide")
+
+
+def test_a_genre_missing_from_training_is_a_clear_error(project):
+    data = train.load_training_data(load_params(project / "params.yaml"), project)
+    features, labels = data.xy("train")
+    keep = labels != 3
+    with pytest.raises(ValueError, match=r"lack genre indices \[3\]"):
+        models.fit_family("knn", {}, (features[keep], labels[keep]), 10, 0)
+
+
+def test_stores_follow_dvc_root_and_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real, temporary = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/run/abc"
+    temporary.mkdir(parents=True)
+    # `dvc exp run` in a temporary copy: DVC_ROOT names the real repository.
+    monkeypatch.setenv("DVC_ROOT", str(real))
+    assert tracking.tracking_uri(temporary) == f"sqlite:///{real / 'mlruns' / 'mlflow.db'}"
+    assert tracking.artifact_location(tracking.tracking_uri(temporary)) == (
+        (real / "mlruns" / "artifacts").as_uri()
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(temporary) == "http://127.0.0.1:5000"
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+    monkeypatch.setenv("OPTUNA_STORAGE", "postgresql+psycopg2://localhost/optuna")
+    assert tracking.optuna_storage("knn", temporary) == "postgresql+psycopg2://localhost/optuna"
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-day")
+    assert tracking.run_tags(temporary)["dvc.exp_name"] == "sunny-day"
+    shutil.rmtree(real)
