@@ -50,7 +50,8 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     assert json.loads((project / "data/train" / f"{family}.json").read_text()) == record
     metrics = json.loads((project / "reports/train" / family / "metrics.json").read_text())
     assert metrics["split"] == "song-grouped" and metrics["leaky"] is False
-    assert 0.0 <= metrics["test_song_accuracy"] <= 1.0
+    # Genres are well apart in the synthetic data: every family must beat chance (0.1) clearly.
+    assert metrics["test_accuracy"] > 0.3, metrics
     assert record["level"] == "segment" and record["flavor"] == models.flavor_of(family)
 
     # One parent run with one nested run per trial, all with the same metric names.

@@ -220,7 +220,7 @@ def load_test_data(params: dict[str, Any], root: Path) -> TestData:
         clips=frames["clip"],
         segments=frames["segment"],
         summary=summary,
-        features_sha256={level: tracking.file_sha256(path) for level, path in tables.items()},
+        features_sha256={level: tracking.file_digest(path) for level, path in tables.items()},
         split_sha256=split_fingerprint(folder),
     )
 
@@ -229,7 +229,7 @@ def split_fingerprint(folder: Path) -> str:
     """sha256 of the split assignment file (the same file the training records hash)."""
     from gtzan_mlops import tracking
 
-    return tracking.file_sha256(folder / "split.csv")
+    return tracking.file_digest(folder / "split.csv")
 
 
 def stale_reason(record: dict[str, Any], data: TestData) -> str | None:

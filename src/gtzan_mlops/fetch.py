@@ -17,7 +17,6 @@ is listed with the reason instead of failing the stage; the features stage skips
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ from gtzan_mlops.audio import (
 )
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, section
+from gtzan_mlops.tracking import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -384,12 +384,6 @@ def copy_genre_folder(genres_dir: Path, raw_dir: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------
 # gtzan archive: checksum, safe extraction, download
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file's bytes (`md5`, `sha256`), read in chunks."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def verify_md5(path: Path, expected: str, label: str | None = None) -> None:

@@ -155,6 +155,11 @@ def build_classic(
 
         # Probabilities (for song votes and serving) by Platt scaling on cross-validated
         # decision values: what SVC(probability=True) did before scikit-learn 1.9 deprecated it.
+        if values.get("decision_function_shape", "ovr") != "ovr":
+            raise ConfigError(
+                "svm: decision_function_shape must be 'ovr': calibration reads one decision "
+                "value per genre (SVC classifies one-vs-one whatever this setting says)"
+            )
         folds = max(2, min(5, smallest_class))
         estimator = CalibratedClassifierCV(SVC(**values), ensemble=False, cv=folds)
     elif family == "logistic_regression":
@@ -252,8 +257,13 @@ def fit_keras(
     budget: int | None = None,
     report: ReportFn | None = None,
 ) -> FitResult:
-    """Train with Adam; with `valid`, stop when validation accuracy stops improving (keeping the
-    best epoch's weights), else train exactly `budget` epochs."""
+    """Train with Adam; with `valid`, stop `patience` epochs after the validation loss stops
+    falling and keep the best epoch's weights, else train exactly `budget` epochs.
+
+    The loss, not the accuracy, picks the epoch: on a small validation set the accuracy of an
+    early, barely trained epoch can be the highest by luck, and a refit for that many epochs
+    underfits (seen on the 70 real clips: 3 epochs, 0.77 validation, 0.40 test accuracy).
+    """
     import keras
 
     set_seeds(seed)
@@ -264,7 +274,8 @@ def fit_keras(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    curve: list[tuple[int, float]] = []
+    curve: list[tuple[int, float]] = []  # (epoch, validation accuracy): reported to the pruner
+    losses: list[float] = []
     callbacks: list[Any] = []
     validation = None
     epochs = int(budget or hyperparameters["epochs"])
@@ -272,7 +283,7 @@ def fit_keras(
         validation = (_features(valid[0]), np.asarray(valid[1]))
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_accuracy",
+                monitor="val_loss",
                 patience=int(hyperparameters.get("patience", 10)),
                 restore_best_weights=True,
             )
@@ -280,7 +291,9 @@ def fit_keras(
 
         class Report(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-                value = float((logs or {}).get("val_accuracy", np.nan))
+                logs = logs or {}
+                losses.append(float(logs.get("val_loss", np.inf)))
+                value = float(logs.get("val_accuracy", np.nan))
                 curve.append((epoch + 1, value))
                 if report is not None:
                     report(epoch + 1, value)
@@ -296,7 +309,8 @@ def fit_keras(
         shuffle=True,
         verbose=0,
     )
-    best = max(curve, key=lambda point: (point[1], -point[0]))[0] if curve else epochs
+    # The epoch whose weights EarlyStopping restored: the first with the lowest loss.
+    best = int(np.argmin(losses)) + 1 if losses else epochs
     return FitResult(KerasClassifier(network), budget=best, curve=curve)
 
 

@@ -20,8 +20,9 @@
 5. The best trial is refit (on train+valid by default, for the epochs/rounds its early stopping
    chose) and logged as an MLflow model with signature and input example, with its test
    metrics, a per-class precision/recall/F1 table and a confusion matrix.
-6. Outputs for DVC: `data/train/<family>.json` (the record evaluate and promote read),
-   `metrics/train/<family>.json` and the optimisation history `reports/train/<family>/history.csv`.
+6. Outputs for DVC: `data/train/<family>.json` (the record evaluate and promote read) and
+   `reports/train/<family>/`: metrics.json, the optimisation history (history.csv, and
+   optuna_history.png), the test confusion matrix and per-class table, also in MLflow.
 
 Determinism: with `workers: 1` the same params, data and code give the same trials and model
 (seeded sampler, NumPy/Python/TensorFlow seeds with TF op determinism, seeded estimators,
@@ -36,6 +37,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +47,7 @@ import pandas as pd
 
 from gtzan_mlops import models, tracking
 from gtzan_mlops.cli import stage_main
-from gtzan_mlops.config import (
-    ConfigError,
-    resolve_path,
-    stage_arguments,
-)
+from gtzan_mlops.config import ConfigError, resolve_path, stage_arguments
 from gtzan_mlops.evaluate import (
     METRICS,
     EvaluationError,
@@ -122,8 +120,8 @@ def load_training_data(params: dict[str, Any], root: Path) -> TrainingData:
         classes=classes,
         n_mfcc=int(params["features"]["n_mfcc"]),
         summary=summary,
-        features_sha256=tracking.file_sha256(path),
-        split_sha256=tracking.file_sha256(folder / split.SPLIT_FILE),
+        features_sha256=tracking.file_digest(path),
+        split_sha256=tracking.file_digest(folder / split.SPLIT_FILE),
         feature_settings=FeatureSettings.from_params(params).to_dict(),
     )
 
@@ -304,6 +302,7 @@ def make_objective(settings: FamilySettings, data: TrainingData, parent_run_id: 
             "optuna.study": trial.study.study_name,
             "optuna.trial": str(trial.number),
         }
+        pruned: optuna.TrialPruned | None = None
         with mlflow.start_run(
             run_name=f"{settings.family}-trial-{trial.number:03d}",
             experiment_id=experiment_id,
@@ -322,28 +321,31 @@ def make_objective(settings: FamilySettings, data: TrainingData, parent_run_id: 
                     valid=data.xy("valid"),
                     report=report,
                 )
-            except optuna.TrialPruned:
-                mlflow.set_tag("optuna.state", "PRUNED")
-                _log_curve(curve)
-                raise
-            metrics = evaluate_subset(result, data, "valid", settings.family).metrics
+            except optuna.TrialPruned as error:
+                # Raised after the run closes: a pruned trial is a finished run, not a failed one.
+                pruned = error
+            else:
+                metrics = evaluate_subset(result, data, "valid", settings.family).metrics
+                mlflow.log_metrics(metrics)
+                if result.budget is not None:
+                    trial.set_user_attr(BUDGET_ATTR, int(result.budget))
+                    mlflow.log_metric("budget", result.budget)
             _log_curve(curve)
-            mlflow.log_metrics(metrics)
-            if result.budget is not None:
-                trial.set_user_attr(BUDGET_ATTR, int(result.budget))
-                mlflow.log_metric("budget", result.budget)
-            mlflow.set_tag("optuna.state", "COMPLETE")
+            mlflow.set_tag("optuna.state", "PRUNED" if pruned else "COMPLETE")
+        if pruned is not None:
+            raise pruned
         return float(metrics[settings.objective_key])
 
     return objective
 
 
 def _log_curve(curve: list[tuple[int, float]]) -> None:
+    """The validation accuracy reported at each epoch (or few boosting rounds), in one batch."""
     import mlflow
     from mlflow.entities import Metric
 
     if curve:
-        now = int(1000 * __import__("time").time())
+        now = int(1000 * time.time())
         metrics = [Metric("valid_curve_accuracy", value, now, step) for step, value in curve]
         mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
