@@ -149,16 +149,3 @@ def test_parity_with_reference(gtzan_mini, reference_table, artifacts_dir):
     spread = np.sqrt(theirs[["harmony_var", "perceptr_var"]].to_numpy())
     near_zero = absolute[list(NEAR_ZERO_MEANS)].to_numpy()
     assert (near_zero < 1e-3 * spread).all()
-
-
-def test_threaded_extraction_gives_identical_values(gtzan_mini):
-    from concurrent.futures import ThreadPoolExecutor
-
-    excerpt = _real_excerpt(gtzan_mini, "disco", seconds=10.0)
-    serial = extract_clip(excerpt, SETTINGS)
-    with ThreadPoolExecutor(2) as executor:
-        threaded = extract_clip(excerpt, SETTINGS, executor=executor)
-        segments_only = extract_clip(excerpt, SETTINGS, include_clip=False, executor=executor)
-    np.testing.assert_array_equal(threaded.clip, serial.clip)
-    np.testing.assert_array_equal(threaded.segments, serial.segments)
-    np.testing.assert_array_equal(segments_only.segments, serial.segments)

@@ -117,7 +117,7 @@ def test_same_seed_gives_the_same_model(tmp_path, repo_root, monkeypatch, family
         monkeypatch.delenv(name, raising=False)
     predictions = []
     for copy in ("a", "b"):
-        folder = make_project(tmp_path / copy, repo_root, n_trials=3)
+        folder = make_project(tmp_path / copy, repo_root, n_trials=2)
         record = train.run(load_params(folder / "params.yaml"), folder, family)
         model = models.load_classifier(record["model_uri"], record["flavor"])
         rows = pd.read_csv(folder / "data/features/features_3_sec.csv")

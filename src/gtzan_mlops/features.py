@@ -7,9 +7,7 @@ excerpt, the harmonic/percussive waveforms of HPSS, and the estimated tempo.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import librosa
@@ -216,28 +214,22 @@ def _check_waveform(waveform: np.ndarray, settings: FeatureSettings) -> np.ndarr
 
 
 def extract_clip(
-    waveform: np.ndarray,
-    settings: FeatureSettings,
-    include_clip: bool = True,
-    executor: Executor | None = None,
+    waveform: np.ndarray, settings: FeatureSettings, include_clip: bool = True
 ) -> ClipFeatures:
     """The one extraction function of the project: features of a whole clip and of each of its
     segments, from a mono waveform at `settings.sample_rate` (see `audio.load_waveform`).
 
     The pipeline stores both; a served model trained on segments needs only the segments, so it
-    passes `include_clip=False` (and gets an empty `clip`). With an `executor` (the served
-    model's thread pool) the excerpts are computed concurrently: the FFTs, median filters and
-    matrix products release the GIL, so one request uses every core. Values are the same.
+    passes `include_clip=False` (and gets an empty `clip`).
     """
     samples = _check_waveform(waveform, settings)
     n_features = len(feature_names(settings.n_mfcc))
-    excerpts = [samples[start:stop] for start, stop in segment_bounds(len(samples), settings)]
-    if include_clip:
-        excerpts.insert(0, samples)
-    compute = partial(excerpt_features, settings=settings)
-    rows = list(executor.map(compute, excerpts) if executor else map(compute, excerpts))
-    clip = rows.pop(0) if include_clip else np.empty(0)
-    return ClipFeatures(clip=clip, segments=np.reshape(rows, (len(rows), n_features)))
+    clip = excerpt_features(samples, settings) if include_clip else np.empty(0)
+    segments = [
+        excerpt_features(samples[start:stop], settings)
+        for start, stop in segment_bounds(len(samples), settings)
+    ]
+    return ClipFeatures(clip=clip, segments=np.reshape(segments, (len(segments), n_features)))
 
 
 def naive_features(waveform: np.ndarray, settings: FeatureSettings) -> np.ndarray:

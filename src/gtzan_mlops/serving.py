@@ -26,11 +26,11 @@ Segment-level models classify every segment of the clip (at most clip_seconds / 
 of them, from the start) and average the segment probabilities; clip-level models classify the
 features of the whole clip.
 
-Operational settings live in the model config and can be changed at serving time without
-re-logging, e.g. `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"allow_audio_path": false}' mlflow models
-serve ...`: `max_upload_mb` (largest accepted audio, encoded), `allow_audio_path` (reading
-paths on the server; switch it off for an endpoint others can reach) and `threads` (threads
-extracting one request's segments; 0, the default, means one per core).
+Two operational settings live in the model config and can be changed at serving time without
+re-logging, e.g. `SERVING_MODEL_CONFIG='{"allow_audio_path": false}' mlflow models serve ...`
+(the variable MLflow's scoring server reads) or `mlflow.pyfunc.load_model(uri, model_config=...)`:
+`max_upload_mb` (largest accepted audio, encoded) and `allow_audio_path` (reading paths on the
+server; switch it off for an endpoint others can reach).
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ import binascii
 import io
 import json
 import math
-import os
 import tempfile
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,15 +170,12 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
 
 
 def classify_waveform(
-    classifier: Any, spec: ServingSpec, waveform: np.ndarray, executor: Executor | None = None
+    classifier: Any, spec: ServingSpec, waveform: np.ndarray
 ) -> tuple[np.ndarray, int]:
     """Probabilities (n_classes,) of one mono waveform at the spec's sample rate, and how many
-    feature rows they come from (segments for a segment-level model, 1 for a clip-level one).
-    An `executor` extracts the segments concurrently (see `features.extract_clip`)."""
+    feature rows they come from (segments for a segment-level model, 1 for a clip-level one)."""
     settings = spec.settings
-    features = extract_clip(
-        waveform, settings, include_clip=spec.level == "clip", executor=executor
-    )
+    features = extract_clip(waveform, settings, include_clip=spec.level == "clip")
     rows = features.segments if spec.level == "segment" else features.clip[np.newaxis, :]
     if len(rows) == 0:
         raise FeatureError("no complete segment to classify")
@@ -210,12 +205,10 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         self.max_upload_bytes = int(float(config.get("max_upload_mb", 50)) * 2**20)
         self.allow_audio_path = bool(config.get("allow_audio_path", True))
-        # A request's segments are extracted on `threads` threads (0: one per core), each with
-        # single-threaded BLAS: measured here, 2 threads x 1 BLAS thread take half the time of
-        # 1 thread x 2 BLAS threads, which contend for the same cores.
-        threads = int(config.get("threads", 0)) or os.cpu_count() or 1
+        # Single-threaded BLAS: the features' matrix products are small, and BLAS threads only
+        # contend with each other and with concurrent requests (segments of a 30 s clip, this
+        # 2-core machine: 546 ms with one BLAS thread, 625 ms with the default two).
         threadpool_limits(1)
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="features")
 
     def _waveform(self, row: dict[str, Any], index: int) -> tuple[str, np.ndarray]:
         """The name used in messages and the decoded waveform of one input row."""
@@ -296,9 +289,7 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         probabilities = []
         for index, waveform in enumerate(waveforms):
             try:
-                probabilities.append(
-                    classify_waveform(self.classifier, self.spec, waveform, self.executor)[0]
-                )
+                probabilities.append(classify_waveform(self.classifier, self.spec, waveform)[0])
             except FeatureError as error:
                 raise invalid_input(f"row {index}: {error}") from error
         table = np.vstack(probabilities)
