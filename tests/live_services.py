@@ -161,18 +161,22 @@ def set_params(path: Path, updates: dict[str, object]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_stage(args: list[str], project: Path, env: dict[str, str], timeout_s: float = 600) -> str:
-    """Run `gtzan-mlops <args> --params <project>/params.yaml` in the project; fail with its
-    output if it fails."""
-    command = [sys.executable, "-m", "gtzan_mlops", *args, "--params", str(project / "params.yaml")]
+def run_command(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 600) -> str:
+    """Run a command in `cwd`; its output, or an AssertionError with it if the command fails."""
     result = subprocess.run(
-        command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout_s
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
     )
     if result.returncode != 0:
         raise AssertionError(
-            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result.stdout + result.stderr
+
+
+def run_stage(args: list[str], project: Path, env: dict[str, str], timeout_s: float = 600) -> str:
+    """Run `gtzan-mlops <args> --params <project>/params.yaml` in the project."""
+    command = [sys.executable, "-m", "gtzan_mlops", *args, "--params", str(project / "params.yaml")]
+    return run_command(command, project, env, timeout_s)
 
 
 # Small training budgets for tests that run the real stages: they check the wiring, not model

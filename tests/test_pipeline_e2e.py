@@ -23,22 +23,15 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from live_services import QUICK_BUDGETS, set_params
+from live_services import QUICK_BUDGETS, run_command, set_params
 
 pytestmark = pytest.mark.slow
 
 E2E_FAMILIES = ["naive_bayes", "sgd", "fnn_simple", "xgboost"]
 
 
-def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 1200) -> str:
-    result = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result.stdout + result.stderr
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    return run_command(command, cwd, env, timeout_s=1200)
 
 
 def _copy_repository(source: Path, target: Path) -> None:

@@ -6,11 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import librosa
@@ -20,6 +15,7 @@ import pandas as pd
 import pytest
 import requests
 import soundfile
+from live_services import clean_env, mlflow_server
 from mlflow.exceptions import MlflowException
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 
@@ -221,12 +217,6 @@ def test_example_clip_is_one_segment_long_after_resampling():
 # --- the served endpoint -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _post(url: str, body: str | dict) -> requests.Response:
     data = body if isinstance(body, str) else json.dumps(body)
     return requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=60)
@@ -242,49 +232,9 @@ def test_mlflow_models_serve_classifies_audio_and_rejects_bad_input(
     version = mlflow.register_model(model_uri, name)
     mlflow.MlflowClient().set_registered_model_alias(name, "champion", version.version)
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store,
-        # `mlflow models serve` starts `uvicorn` by name: this environment's scripts come first.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{name}@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: uvicorn is a grandchild
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if requests.get(f"{base}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.5)
-
+    serve = ["serve", "-m", f"models:/{name}@champion", "--env-manager", "local"]
+    env = clean_env(MLFLOW_TRACKING_URI=store)
+    with mlflow_server("models", serve, tmp_path / "serve.log", env) as base:
         good = {"dataframe_split": {"columns": [BASE64_COLUMN], "data": [[_base64(clip)]]}}
         answer = _post(f"{base}/invocations", good)
         assert answer.status_code == 200, answer.text
@@ -325,11 +275,3 @@ def test_mlflow_models_serve_classifies_audio_and_rejects_bad_input(
             assert expected[case] in response.json()["message"], (case, response.text)
             # The server keeps serving after each bad request.
             assert _post(f"{base}/invocations", good).json() == answer.json(), case
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 # Each command is a module with `main(argv) -> int`; imported on demand so that a light command
@@ -53,7 +52,7 @@ if __name__ == "__main__":
 def stage_main(
     name: str,
     description: str | None,
-    run: Callable[[dict[str, Any], Path, argparse.Namespace], Any],
+    run: Callable[..., Any],
     argv: list[str] | None,
     *,
     errors: tuple[type[Exception], ...] = (),
@@ -61,8 +60,9 @@ def stage_main(
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """The command line of a stage: parse its options (`arguments`, then --params and --set),
-    run it, print `describe(result)`; a ConfigError, a missing file or one of `errors` ends it
-    with its message on stderr and exit status 1, without a traceback."""
+    call `run(params, root)` (`run(params, root, args)` when it has `arguments` of its own),
+    print `describe(result)`; a ConfigError, a missing file or one of `errors` ends it with its
+    message on stderr and exit status 1, without a traceback."""
     from gtzan_mlops.config import ConfigError, add_stage_arguments, stage_params
 
     parser = argparse.ArgumentParser(
@@ -77,7 +77,7 @@ def stage_main(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params, root = stage_params(args)
-        result = run(params, root, args)
+        result = run(params, root, args) if arguments is not None else run(params, root)
     except (ConfigError, FileNotFoundError, *errors) as error:
         print(f"gtzan-mlops {name}: {error}", file=sys.stderr)
         return 1

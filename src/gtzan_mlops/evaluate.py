@@ -429,11 +429,4 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        "evaluate",
-        __doc__,
-        lambda params, root, _: run(params, root),
-        argv,
-        errors=(EvaluationError,),
-        describe=describe,
-    )
+    return stage_main("evaluate", __doc__, run, argv, errors=(EvaluationError,), describe=describe)

@@ -226,4 +226,4 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("features", __doc__, lambda params, root, _: run(params, root), argv)
+    return stage_main("features", __doc__, run, argv)

@@ -931,6 +931,4 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        "fetch", __doc__, lambda params, root, _: run(params, root), argv, errors=(FetchError,)
-    )
+    return stage_main("fetch", __doc__, run, argv, errors=(FetchError,))

@@ -211,9 +211,13 @@ class KerasClassifier:
         self.network = network
 
     def predict_proba(self, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
+        import keras
+
         values = _features(rows) if isinstance(rows, pd.DataFrame) else np.asarray(rows, "float32")
-        # predict_on_batch skips predict()'s per-call data pipeline: much faster for a few rows.
-        return np.asarray(self.network.predict_on_batch(values), dtype=np.float64)
+        # A direct call skips predict()'s data pipeline and compiled predict function: faster
+        # for the ten rows of a served clip, and no tf.function retracing for each new row count.
+        probabilities = self.network(values, training=False)
+        return np.asarray(keras.ops.convert_to_numpy(probabilities), dtype=np.float64)
 
 
 def build_network(

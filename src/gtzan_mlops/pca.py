@@ -85,6 +85,4 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        "pca", __doc__, lambda params, root, _: run(params, root), argv, errors=(ValueError,)
-    )
+    return stage_main("pca", __doc__, run, argv, errors=(ValueError,))

@@ -523,11 +523,9 @@ def run_protocols(protocols: list[ProtocolData], settings: ReportSettings) -> pd
 
 
 def display_path(path: Path, root: Path) -> str:
-    """A path relative to the repository when inside it (so reports read the same anywhere)."""
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+    """A path relative to the repository root, `../shared/...` for the folder beside it, so the
+    report reads the same on every machine (the command ran from the root)."""
+    return os.path.relpath(path.resolve(), root.resolve())
 
 
 def cell(table: pd.DataFrame, family: str, protocol: str, metric: str = "accuracy") -> str:

@@ -367,11 +367,4 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        "split",
-        __doc__,
-        lambda params, root, _: run(params, root),
-        argv,
-        errors=(LeakageError,),
-        describe=describe,
-    )
+    return stage_main("split", __doc__, run, argv, errors=(LeakageError,), describe=describe)
