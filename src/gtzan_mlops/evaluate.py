@@ -227,9 +227,9 @@ def load_test_data(params: dict[str, Any], root: Path) -> TestData:
 
 def split_fingerprint(folder: Path) -> str:
     """sha256 of the split assignment file (the same file the training records hash)."""
-    from gtzan_mlops import tracking
+    from gtzan_mlops import split, tracking
 
-    return tracking.file_digest(folder / "split.csv")
+    return tracking.file_digest(folder / split.SPLIT_FILE)
 
 
 def stale_reason(record: dict[str, Any], data: TestData) -> str | None:
