@@ -45,10 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def stage_main(
     name: str,
     description: str | None,
@@ -84,3 +80,7 @@ def stage_main(
     if result is not None:
         print(describe(result))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
