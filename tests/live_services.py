@@ -46,7 +46,7 @@ def clean_env(**overrides: str) -> dict[str, str]:
         MLFLOW_DISABLE_TELEMETRY="true",
         DO_NOT_TRACK="1",
         DVC_NO_ANALYTICS="1",
-        TF_CPP_MIN_LOG_LEVEL="2",
+        TF_CPP_MIN_LOG_LEVEL="3",
         PYTHONUNBUFFERED="1",
     )
     env.update(overrides)

@@ -49,7 +49,9 @@ def _decode(source: str | os.PathLike[str] | bytes, name: str) -> tuple[np.ndarr
     try:
         samples, sample_rate = soundfile.read(handle, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-        raise AudioError(f"{name}: not decodable as audio ({error})") from error
+        # libsndfile's own words, without its "Error opening <object repr>" preamble.
+        reason = getattr(error, "error_string", None) or error
+        raise AudioError(f"{name}: not decodable as audio ({reason})") from error
     if samples.shape[0] == 0:
         raise AudioError(f"{name}: contains no audio frames")
     if not np.all(np.isfinite(samples)):

@@ -814,7 +814,6 @@ def describe(report: Report) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return stage_main(
         "report", __doc__, run_command, argv, describe=describe, arguments=add_arguments
     )
