@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 # Nothing phones home: DVC analytics and MLflow telemetry are off (also set in .dvc/config).
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
-export DO_NOT_TRACK := 1
+export DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 3
 
 .PHONY: setup pipeline test lint format benchmark benchmark-serve mlflow-ui clean-venv
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --editable .
+	# The same for commands run in the activated environment (`mlflow ui`, `mlflow run`, `dvc`).
+	grep -q MLFLOW_DISABLE_TELEMETRY $(VENV)/bin/activate || printf '%s\n' \
+	  'export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1' >> $(VENV)/bin/activate
 	touch $@
 
 setup: $(VENV)/.installed

@@ -137,6 +137,9 @@ def test_process_pool_gives_the_same_tables(stage_repo):
     pd.testing.assert_frame_equal(pd.read_csv(root / "data/features/features_3_sec.csv"), single)
 
 
-def test_missing_manifest_is_a_clear_error(tmp_path):
+def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("features:\n  workers: 1\n")
     assert extract.main(["--params", str(tmp_path / "params.yaml")]) == 1
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'data' / 'manifest.csv'}: manifest not found" in error
+    assert "run the fetch stage first" in error

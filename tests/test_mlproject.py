@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from live_services import clean_env, synthetic_feature_tables
 
-from gtzan_mlops import split
+from gtzan_mlops import split, tracking
 from gtzan_mlops.config import ConfigError, apply_overrides, load_params, section
 
 OVERRIDE = re.compile(r"--set (?P<key>[\w.]+)=\{(?P<parameter>\w+)\}")
@@ -39,6 +40,21 @@ def test_parameter_defaults_are_the_values_in_params_yaml(repo_root):
             assert section(params, match["key"]) == default, (name, match["key"])
             checked += 1
     assert checked >= 7
+
+
+def test_a_stage_adopts_the_run_of_mlflow_run_but_not_under_dvc(monkeypatch):
+    # `mlflow run . -e train`: the stage logs into the run `mlflow run` made, and takes the
+    # variable out of the environment so no later run resumes it by accident.
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc123")
+    assert tracking.launched_run_id() == "abc123"
+    assert "MLFLOW_RUN_ID" not in os.environ
+    # `mlflow run . -e main` runs `dvc repro`, which hands the variable to every stage: one run
+    # cannot hold every stage's params, so each stage logs its own.
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc123")
+    monkeypatch.setenv("DVC_STAGE", "train@knn")
+    assert tracking.launched_run_id() is None
+    assert "MLFLOW_RUN_ID" not in os.environ
 
 
 def test_overrides_parse_values_and_reject_unknown_keys():

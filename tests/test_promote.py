@@ -47,6 +47,13 @@ def test_first_model_is_promoted():
         (0.60, 0.60, 0.0, False),  # equal is not better
         (0.605, 0.60, 0.01, False),  # better, but by less than min_improvement
         (0.62, 0.60, 0.01, True),  # better by more than min_improvement
+        (
+            0.85,
+            0.80,
+            0.05,
+            True,
+        ),  # better by exactly min_improvement (0.85 - 0.80 < 0.05 in floats)
+        (0.1 + 0.2, 0.3, 0.0, False),  # equal up to rounding is not better
     ],
 )
 def test_same_data_compares_recomputed_scores(challenger, champion, min_improvement, promoted):
@@ -177,6 +184,13 @@ def test_registry_flow_promotes_only_what_beats_the_champion(registry, tmp_path,
     # The alias serves the raw-audio model of the new champion.
     served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").unwrap_python_model()
     assert served.spec.family == "better" and served.spec.level == "segment"
+
+    # The same classifier with other serving settings is a new served model: it takes the alias.
+    redeployed = _promote("better", registry, tmp_path, allow_audio_path=False)
+    assert redeployed["promoted"] and redeployed["version"] == 4
+    assert "new serving code or serving settings" in redeployed["reason"]
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").unwrap_python_model()
+    assert served.allow_audio_path is False
 
     for version in client.search_model_versions(f"name='{MODEL_NAME}'"):
         assert version.current_stage in (None, "None")

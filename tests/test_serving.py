@@ -188,6 +188,10 @@ def test_operational_settings_can_be_overridden_when_loading(served, clip):
     with pytest.raises(MlflowException, match="audio_path is switched off"):
         strict.predict(pd.DataFrame({PATH_COLUMN: [str(clip)]}))
     assert len(strict.predict(pd.DataFrame({BASE64_COLUMN: [_base64(clip)]}))) == 1
+    # Audio longer than max_audio_seconds is refused from its header, before decoding.
+    brief = mlflow.pyfunc.load_model(uri, model_config={"max_audio_seconds": 5})
+    with pytest.raises(MlflowException, match=r"30 s of audio is longer than the limit of 5 s"):
+        brief.predict(pd.DataFrame({BASE64_COLUMN: [_base64(clip)]}))
 
 
 def test_decode_base64_accepts_line_breaks_and_data_uri():

@@ -44,6 +44,23 @@ def test_grouped_strategies_keep_songs_whole_and_stratify(tables, tmp_path, stra
     assert segments.groupby("track_id")["subset"].nunique().max() == 1
 
 
+@pytest.mark.parametrize(
+    ("test_size", "valid_size", "sides"),
+    [
+        (0.9, 0.2, {"test", "valid", "train"}),  # a large test share still leaves train and valid
+        (0.9, 0.0, {"test", "train"}),
+        (0.05, 0.2, {"test", "valid", "train"}),  # a tiny one still tests every genre
+    ],
+)
+def test_every_genre_of_three_songs_is_on_every_side(test_size, valid_size, sides):
+    units = pd.DataFrame(
+        {"unit": [f"{genre}.{n}" for genre in "ab" for n in range(3)], "genre": list("aaabbb")}
+    )
+    subsets = split.stratified_assignment(units, valid_size, test_size, seed=0)
+    for genre, rows in units.groupby("genre"):
+        assert set(subsets[rows.index]) == sides, genre
+
+
 def test_split_is_deterministic_and_follows_the_seed(tables, tmp_path):
     first, _ = _split(tables, tmp_path, strategy="song_grouped")
     again, _ = _split(tables, tmp_path, strategy="song_grouped")

@@ -33,8 +33,11 @@ class AudioInfo:
     peak: float
 
 
-def _decode(source: str | os.PathLike[str] | bytes, name: str) -> tuple[np.ndarray, int]:
-    """Samples as (frames, channels) float32 and the file's own sample rate."""
+def _decode(
+    source: str | os.PathLike[str] | bytes, name: str, max_seconds: float | None = None
+) -> tuple[np.ndarray, int]:
+    """Samples as (frames, channels) float32 and the file's own sample rate; audio longer than
+    `max_seconds` is refused from its header, before it is decoded."""
     if isinstance(source, bytes):
         if not source:
             raise AudioError(f"{name}: empty (0 bytes)")
@@ -47,7 +50,14 @@ def _decode(source: str | os.PathLike[str] | bytes, name: str) -> tuple[np.ndarr
             raise AudioError(f"{name}: empty file (0 bytes)")
         handle = str(path)
     try:
-        samples, sample_rate = soundfile.read(handle, dtype="float32", always_2d=True)
+        with soundfile.SoundFile(handle) as audio:
+            sample_rate = audio.samplerate
+            if max_seconds is not None and audio.frames > max_seconds * sample_rate:
+                raise AudioError(
+                    f"{name}: {audio.frames / sample_rate:.0f} s of audio is longer than the "
+                    f"limit of {max_seconds:g} s"
+                )
+            samples = audio.read(dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
         # libsndfile's own words, without its "Error opening <object repr>" preamble.
         reason = getattr(error, "error_string", None) or error
@@ -147,15 +157,19 @@ def find_truncation(path: str | os.PathLike[str]) -> Truncation | None:
 
 
 def load_waveform(
-    source: str | os.PathLike[str] | bytes, sample_rate: int, name: str | None = None
+    source: str | os.PathLike[str] | bytes,
+    sample_rate: int,
+    name: str | None = None,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Mono float32 samples of a file path or encoded bytes, resampled to `sample_rate`.
 
     Matches `librosa.load(path, sr=sample_rate)` (channel mean, soxr_hq resampling) and skips
-    the resampler when the file is already at the target rate.
+    the resampler when the file is already at the target rate. `max_seconds` refuses longer
+    audio before decoding it (a small compressed upload can decode to gigabytes).
     """
     label = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
-    samples, file_rate = _decode(source, label)
+    samples, file_rate = _decode(source, label, max_seconds)
     waveform = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if file_rate != sample_rate:
         import librosa  # imported here: decoding alone should not pay librosa's import time

@@ -214,7 +214,7 @@ def load_test_data(params: dict[str, Any], root: Path) -> TestData:
     for level, path in tables.items():
         if not path.is_file():
             raise EvaluationError(f"{path}: no such file (run the features stage)")
-        table = split.attach_subsets(pd.read_csv(path), assignments)
+        table = split.attach_subsets(pd.read_csv(path, dtype={"track_id": str}), assignments)
         frames[level] = table[table["subset"] == TEST_SUBSET].reset_index(drop=True)
     return TestData(
         clips=frames["clip"],

@@ -1,9 +1,10 @@
 """The `features` stage: the 57 features of every usable clip, per clip and per segment.
 
 Clips are spread over a process pool. Each finished clip is saved at once in a per-file cache
-keyed by the audio's sha256 and the feature settings, so a rerun after adding clips or after an
-interruption extracts only what is missing. A clip that fails is logged with its reason, listed
-in `failures.csv` and skipped; the stage still writes the tables of the others.
+keyed by the audio's sha256, the feature settings and the extraction code (the source of
+features.py and audio.py, the versions of the audio libraries), so a rerun after adding clips or
+after an interruption extracts only what is missing. A clip that fails is logged with its
+reason, listed in `failures.csv` and skipped; the stage still writes the tables of the others.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from gtzan_mlops.features import (
 
 log = logging.getLogger(__name__)
 
-# Bump when the extraction code changes a value, so cached features of older code are not reused.
-FEATURE_CODE_VERSION = 1
+# What computes a feature value besides its settings: cached features of other code are not reused.
+EXTRACTION_MODULES = ("features.py", "audio.py")
+EXTRACTION_LIBRARIES = ("librosa", "numpy", "scipy", "soundfile", "soxr")
 
 CLIP_TABLE = "features_30_sec.csv"
 SEGMENT_TABLE = "features_3_sec.csv"
@@ -50,6 +52,11 @@ class ClipJob:
     genre: str
     audio_path: Path
     cache_path: Path
+    name: str = ""  # the path as the manifest lists it (relative to the repository): for messages
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.audio_path)
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,23 @@ class ClipResult:
     from_cache: bool = False
 
 
+def extraction_code_fingerprint() -> dict[str, str]:
+    """sha256 of the extraction modules and the versions of the libraries they call."""
+    from importlib.metadata import version
+
+    from gtzan_mlops.tracking import source_digest
+
+    return {
+        "source": source_digest(*EXTRACTION_MODULES),
+        **{name: version(name) for name in EXTRACTION_LIBRARIES},
+    }
+
+
 def settings_key(settings: FeatureSettings) -> str:
-    """A short hash of everything that decides a feature value."""
-    payload = json.dumps({**settings.to_dict(), "code": FEATURE_CODE_VERSION}, sort_keys=True)
+    """A short hash of everything that decides a feature value: settings and extraction code."""
+    payload = json.dumps(
+        {**settings.to_dict(), "code": extraction_code_fingerprint()}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -96,12 +117,12 @@ def extract_job(job: ClipJob, settings: FeatureSettings) -> ClipResult:
     if cached is not None:
         return ClipResult(job, cached[0], cached[1], from_cache=True)
     try:
-        waveform = load_waveform(job.audio_path, settings.sample_rate)
+        waveform = load_waveform(job.audio_path, settings.sample_rate, name=job.label)
         features = extract_clip(waveform, settings)
     except (AudioError, FeatureError) as error:
         message = str(error)
-        if not message.startswith(str(job.audio_path)):
-            message = f"{job.audio_path}: {message}"
+        if not message.startswith(job.label):
+            message = f"{job.label}: {message}"
         return ClipResult(job, None, error=message)
     _save_cached(job.cache_path, features, len(waveform))
     return ClipResult(job, features, len(waveform))
@@ -135,6 +156,7 @@ def jobs_from_manifest(
             genre=row.genre,
             audio_path=resolve_path(row.path, root),
             cache_path=cache_dir / key / f"{row.sha256}.npz",
+            name=str(row.path),
         )
         for row in usable.itertuples(index=False)
     ]
@@ -151,9 +173,7 @@ def build_tables(
     for result in sorted(results, key=lambda item: item.job.track_id):
         job = result.job
         if result.features is None:
-            failures.append(
-                {"track_id": job.track_id, "path": str(job.audio_path), "reason": result.error}
-            )
+            failures.append({"track_id": job.track_id, "path": job.label, "reason": result.error})
             continue
         key = {"track_id": job.track_id}
         clip_rows.append(
@@ -192,7 +212,7 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
     workers = int(stage.get("workers", 0)) or os.cpu_count() or 1
 
     try:
-        manifest = pd.read_csv(manifest_path)
+        manifest = pd.read_csv(manifest_path, dtype={"track_id": str, "sha256": str})
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"{manifest_path}: manifest not found (run the fetch stage first)"

@@ -791,7 +791,9 @@ def _number(
         if isinstance(value, bool) or (kind is int and float(value) != int(value)):
             raise ValueError
         number = kind(value)
-    except (TypeError, ValueError):
+        if not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             f"params.yaml: {where}.{key} must be {'an integer' if kind is int else 'a number'}, "
             f"got {value!r}"

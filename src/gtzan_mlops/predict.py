@@ -20,7 +20,7 @@ import pandas as pd
 from gtzan_mlops.config import ConfigError, find_repo_root, load_params
 from gtzan_mlops.serving import GENRE_COLUMN, PATH_COLUMN
 
-_ROW_PREFIX = re.compile(r"^row \d+(?: \((?P<name>[^)]*)\))?: ")
+_ROW_PREFIX = re.compile(r"^row \d+: ")
 
 
 @dataclass(frozen=True)

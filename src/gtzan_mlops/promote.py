@@ -23,6 +23,7 @@ stages (deprecated) are never used: only aliases and tags.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from gtzan_mlops.evaluate import (
     load_test_data,
     score_classifier,
     split_label,
+    stale_reason,
 )
 from gtzan_mlops.features import FeatureSettings
 
@@ -46,6 +48,11 @@ log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 ON_DATA_CHANGE = ("keep", "replace")
 DIFFERENT_DATA = "champion evaluated on different data"
+# Scores are means over a few songs: two equal ones computed in another order can differ in the
+# last bits, and 0.85 - 0.80 < 0.05 in floating point. Differences within this are ties.
+SCORE_TOLERANCE = 1e-9
+# What the served model runs besides its classifier: a change here is a new serving model.
+SERVING_MODULES = ("serving.py", "serving_model.py", "features.py", "audio.py", "models.py")
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ def decide_promotion(
     if champion.value is None:
         raise ValueError("a champion on the current data must come with its recomputed score")
     improvement = challenger_value - champion.value
-    if improvement > 0 and improvement >= min_improvement:
+    if improvement > SCORE_TOLERANCE and improvement >= min_improvement - SCORE_TOLERANCE:
         return Decision(
             True,
             f"better than champion version {champion.version} by {improvement:.4f} "
@@ -214,6 +221,7 @@ class PromotionSettings:
     experiment_name: str | None = None
     max_upload_mb: float = 50.0
     allow_audio_path: bool = True
+    max_audio_seconds: float = 600.0
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
@@ -225,12 +233,28 @@ class PromotionSettings:
             experiment_name=stage.get("experiment_name"),
             max_upload_mb=float(serve.get("max_upload_mb", cls.max_upload_mb)),
             allow_audio_path=bool(serve.get("allow_audio_path", cls.allow_audio_path)),
+            max_audio_seconds=float(serve.get("max_audio_seconds", cls.max_audio_seconds)),
         )
         if settings.on_data_change not in ON_DATA_CHANGE:
             raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
         if settings.min_improvement < 0:
             raise ConfigError("promote.min_improvement must not be negative")
         return settings
+
+
+def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSettings) -> str:
+    """What a served model is made of: its classifier, spec, serving settings and code."""
+    from gtzan_mlops.tracking import source_digest
+
+    payload = {
+        "classifier_uri": classifier_uri,
+        "spec": spec.to_dict(),
+        "max_upload_mb": settings.max_upload_mb,
+        "allow_audio_path": settings.allow_audio_path,
+        "max_audio_seconds": settings.max_audio_seconds,
+        "code": source_digest(*SERVING_MODULES),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def promote_winner(
@@ -267,9 +291,17 @@ def promote_winner(
         "model_uri": f"models:/{name}@{CHAMPION_ALIAS}",
     }
 
+    spec = serving.ServingSpec(
+        family=winner,
+        flavor=record["flavor"],
+        level=record["level"],
+        classes=tuple(record["classes"]),
+        feature_settings=feature_settings.to_dict(),
+    )
+    fingerprint = serving_fingerprint(spec, record["model_uri"], settings)
     held_by = current_champion(client, name)
-    if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
-        # A rerun with the same winner: registering it again would only add a duplicate.
+    if held_by is not None and held_by.tags.get("serving_fingerprint") == fingerprint:
+        # A rerun with the same winner, serving code and settings: nothing new to register.
         reason = f"the winner is already the champion (version {held_by.version})"
         return {
             **summary,
@@ -281,23 +313,35 @@ def promote_winner(
 
     champion: ChampionEvidence | None = None
     current_data = DataVersion(data.split_sha256, data.features_sha256[record["level"]])
-    if held_by is not None:
-        # The champion is compared on the data it would see now: its own level's features.
-        level = held_by.tags.get("level", record["level"])
-        current_data = DataVersion(data.split_sha256, data.features_sha256.get(level, ""))
-        then = DataVersion(
-            held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
+    if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
+        # The champion's own classifier, served by other code or settings: nothing to compare.
+        decision = Decision(
+            True,
+            f"the classifier of champion version {held_by.version}, with new serving code or "
+            "serving settings",
         )
-        champion = ChampionEvidence(
-            version=held_by.version,
-            data=then,
-            value=rescore_version(name, held_by.version, metric, data)
-            if then == current_data
-            else None,
+    else:
+        if held_by is not None:
+            # The champion is compared on the data it would see now: its own level's features.
+            level = held_by.tags.get("level", record["level"])
+            current_data = DataVersion(data.split_sha256, data.features_sha256.get(level, ""))
+            then = DataVersion(
+                held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
+            )
+            champion = ChampionEvidence(
+                version=held_by.version,
+                data=then,
+                value=rescore_version(name, held_by.version, metric, data)
+                if then == current_data
+                else None,
+            )
+        decision = decide_promotion(
+            challenger_value,
+            champion,
+            current_data,
+            settings.min_improvement,
+            settings.on_data_change,
         )
-    decision = decide_promotion(
-        challenger_value, champion, current_data, settings.min_improvement, settings.on_data_change
-    )
 
     # The new version is registered whatever the decision, so every evaluated winner can be
     # found (and promoted by hand) with the reason it was or was not promoted.
@@ -308,14 +352,10 @@ def promote_winner(
         experiment_id = tracking.ensure_experiment(settings.experiment_name)
     else:
         experiment_id = record.get("experiment_id")
-    spec = serving.ServingSpec(
-        family=winner,
-        flavor=record["flavor"],
-        level=record["level"],
-        classes=tuple(record["classes"]),
-        feature_settings=feature_settings.to_dict(),
-    )
-    tags = version_tags(record, evaluation, data, metric, git_commit)
+    tags = {
+        **version_tags(record, evaluation, data, metric, git_commit),
+        "serving_fingerprint": fingerprint,
+    }
     with mlflow.start_run(
         run_id=launched,
         experiment_id=experiment_id,
@@ -327,6 +367,7 @@ def promote_winner(
             record["model_uri"],
             max_upload_mb=settings.max_upload_mb,
             allow_audio_path=settings.allow_audio_path,
+            max_audio_seconds=settings.max_audio_seconds,
         )
         mlflow.log_metric(metric, challenger_value)
     tags["promotion"] = "promoted" if decision.promote else "not promoted"
@@ -372,12 +413,19 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         raise EvaluationError(f"{evaluate_path}: no such file (run the evaluate stage)") from error
     record = load_family_record(records_dir / f"{evaluation['winner']}.json")
     feature_settings = serving_settings(params, record)
+    data = load_test_data(params, root)
+    stale = stale_reason(record, data)
+    if stale:
+        # Its tags would name the current data while its score came from other data.
+        raise EvaluationError(
+            f"{record['family']}: {stale} than the current one; rerun train and evaluate"
+        )
 
     tracking.use_store(root)
     summary = promote_winner(
         evaluation,
         record,
-        load_test_data(params, root),
+        data,
         feature_settings,
         settings,
         git_commit=tracking.git_commit(root),

@@ -18,9 +18,10 @@ Through `mlflow models serve` (POST /invocations, Content-Type: application/json
   request   {"dataframe_split": {"columns": ["audio_base64"], "data": [["UklGRiQ..."]]}}
          or {"dataframe_records": [{"audio_path": "/music/song.wav"}]}
   response  {"predictions": [{"genre": "jazz", "prob_blues": 0.01, ..., "prob_rock": 0.02}]}
-A bad input (empty, not audio, shorter than one segment, too large, no or both columns) raises
+A bad input (empty, not audio, shorter than one segment, too large or too long, no or both
+columns) raises
 MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with HTTP 400 and
-{"error_code": "INVALID_PARAMETER_VALUE", "message": "... row 0 (<name>): <problem>"}.
+{"error_code": "INVALID_PARAMETER_VALUE", "message": "... row 0: <name>: <problem>"}.
 
 Segment-level models classify every segment of the clip (at most clip_seconds / segment_seconds
 of them, from the start) and average the segment probabilities; clip-level models classify the
@@ -29,8 +30,9 @@ features of the whole clip.
 Two operational settings live in the model config and can be changed at serving time without
 re-logging, e.g. `SERVING_MODEL_CONFIG='{"allow_audio_path": false}' mlflow models serve ...`
 (the variable MLflow's scoring server reads) or `mlflow.pyfunc.load_model(uri, model_config=...)`:
-`max_upload_mb` (largest accepted audio, encoded) and `allow_audio_path` (reading paths on the
-server; switch it off for an endpoint others can reach).
+`max_upload_mb` (largest accepted audio, encoded), `max_audio_seconds` (longest accepted audio,
+checked before decoding) and `allow_audio_path` (reading paths on the server; switch it off for
+an endpoint others can reach).
 """
 
 from __future__ import annotations
@@ -204,6 +206,7 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         self.classifier = load_classifier(context.artifacts[CLASSIFIER_ARTIFACT], self.spec.flavor)
         config = context.model_config or {}
         self.max_upload_bytes = int(float(config.get("max_upload_mb", 50)) * 2**20)
+        self.max_audio_seconds = float(config.get("max_audio_seconds", 600))
         self.allow_audio_path = bool(config.get("allow_audio_path", True))
         # Single-threaded BLAS: the features' matrix products are small, and BLAS threads only
         # contend with each other and with concurrent requests (segments of a 30 s clip, this
@@ -233,13 +236,15 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
                     f"row {index}: {name}: file of {file.stat().st_size / 2**20:.1f} MB exceeds "
                     f"the limit of {self.max_upload_bytes / 2**20:g} MB"
                 )
-            return name, load_waveform(file, sample_rate, name=name)
+            return name, load_waveform(
+                file, sample_rate, name=name, max_seconds=self.max_audio_seconds
+            )
         name = f"{BASE64_COLUMN}[{index}]"
         try:
             data = decode_base64_audio(encoded, self.max_upload_bytes)
         except ValueError as error:
             raise ValueError(f"row {index}: {name}: {error}") from error
-        return name, load_waveform(data, sample_rate, name=name)
+        return name, load_waveform(data, sample_rate, name=name, max_seconds=self.max_audio_seconds)
 
     def predict(
         self,
@@ -333,6 +338,7 @@ def log_serving_model(
     classifier_uri: str,
     max_upload_mb: float,
     allow_audio_path: bool = True,
+    max_audio_seconds: float = 600.0,
     name: str = SERVING_MODEL_NAME,
     input_example: bool = True,
 ) -> mlflow.models.model.ModelInfo:
@@ -355,6 +361,7 @@ def log_serving_model(
             model_config={
                 "max_upload_mb": float(max_upload_mb),
                 "allow_audio_path": bool(allow_audio_path),
+                "max_audio_seconds": float(max_audio_seconds),
             },
             signature=input_signature(spec.classes),
             input_example=example,

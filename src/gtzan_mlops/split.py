@@ -71,8 +71,9 @@ def stratified_assignment(
     """A subset for each row of `units` (columns `unit`, `genre`), stratified by genre.
 
     Per genre, the units are shuffled (from a sorted order, so the result depends only on the
-    seed and the data) and cut into test, valid and train. Every subset gets at least one unit
-    of a genre that has three or more, so tiny data sets still validate and test every genre.
+    seed and the data) and cut into test, valid and train. A genre with three or more units has
+    at least one in test, one in train and (when valid_size > 0) one in valid, whatever the
+    sizes, so tiny data sets still train, validate and test every genre.
     """
     if not 0 < test_size < 1 or not 0 <= valid_size < 1:
         raise ConfigError("split.test_size must be in (0, 1) and split.valid_size in [0, 1)")
@@ -81,7 +82,10 @@ def stratified_assignment(
     for _, group in units.sort_values(["genre", "unit"]).groupby("genre", sort=True):
         order = group.index.to_numpy()[rng.permutation(len(group))]
         total = len(order)
-        n_test = max(1, round(total * test_size)) if total >= 3 else min(total - 1, 1)
+        if total >= 3:
+            n_test = min(max(1, round(total * test_size)), total - (2 if valid_size else 1))
+        else:
+            n_test = min(total - 1, 1)
         rest = total - n_test
         n_valid = round(rest * valid_size) if valid_size else 0
         if valid_size and rest >= 2:
@@ -350,9 +354,14 @@ def attach_subsets(table: pd.DataFrame, assignments: pd.DataFrame) -> pd.DataFra
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     stage = params.get("split", {})
     features = resolve_path(params.get("features", {}).get("output_dir", "data/features"), root)
-    clips = pd.read_csv(features / "features_30_sec.csv", usecols=["track_id", "genre"])
+    # Track ids are names (an all-digit one must not turn into a number).
+    clips = pd.read_csv(
+        features / "features_30_sec.csv", usecols=["track_id", "genre"], dtype={"track_id": str}
+    )
     segments = pd.read_csv(
-        features / "features_3_sec.csv", usecols=["track_id", "segment", "genre"]
+        features / "features_3_sec.csv",
+        usecols=["track_id", "segment", "genre"],
+        dtype={"track_id": str},
     )
     if clips.empty:
         raise ConfigError(f"{features / 'features_30_sec.csv'}: no clips to split")

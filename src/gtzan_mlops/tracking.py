@@ -68,8 +68,13 @@ def use_store(root: Path | None = None) -> str:
 def launched_run_id() -> str | None:
     """The run `mlflow run` created for this command (MLFLOW_RUN_ID), taken out of the
     environment: the stage logs into it instead of a run of its own, and no later start_run
-    (a trial's, a worker process's) picks it up by accident."""
-    return os.environ.pop("MLFLOW_RUN_ID", None) or None
+    (a trial's, a worker process's) picks it up by accident.
+
+    Under DVC (`mlflow run . -e main` runs `dvc repro`, which hands the variable to every stage)
+    it is not adopted: one run cannot hold the params of several stages, so each stage logs
+    its own runs as under a plain `dvc repro`."""
+    launched = os.environ.pop("MLFLOW_RUN_ID", None) or None
+    return None if os.environ.get("DVC_STAGE") else launched
 
 
 def experiment_name(params: dict[str, Any]) -> str:
@@ -122,6 +127,16 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes (`sha256`, `md5`), read in chunks."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+def source_digest(*modules: str) -> str:
+    """sha256 over the source of the named modules of this package (e.g. "features.py"): what
+    decides whether a study, a cached feature or a served model came from the same code."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update((package / module).read_bytes())
+    return digest.hexdigest()
 
 
 def git_commit(root: Path | None = None) -> str | None:

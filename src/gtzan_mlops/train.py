@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -103,7 +104,7 @@ def load_training_data(params: dict[str, Any], root: Path) -> TrainingData:
     path = feature_table_paths(params, root)[level]
     if not path.is_file():
         raise EvaluationError(f"{path}: no such file (run the features stage)")
-    table = split.attach_subsets(pd.read_csv(path), assignments)
+    table = split.attach_subsets(pd.read_csv(path, dtype={"track_id": str}), assignments)
     classes = list(params["genres"])
     unknown = sorted(set(table["genre"]) - set(classes))
     if unknown:
@@ -184,21 +185,19 @@ class FamilySettings:
 
 def code_fingerprint() -> str:
     """sha256 of the modules that decide a trial's outcome."""
-    digest = hashlib.sha256()
-    for module in ("train.py", "models.py", "evaluate.py"):
-        digest.update((Path(__file__).with_name(module)).read_bytes())
-    return digest.hexdigest()
+    return tracking.source_digest("train.py", "models.py", "evaluate.py", "split.py", "features.py")
 
 
 def study_name(settings: FamilySettings, data: TrainingData) -> str:
-    """`<family>-<split label>-<fingerprint>`: one study per thing that changes its trials.
-    `n_trials` and `workers` are left out, so raising them continues the study."""
+    """`<family>-<split label>-<fingerprint>`: one study per thing that changes its trials or the
+    refit. `n_trials` and `workers` are left out, so raising them continues the study."""
     decisive = {
         "family": settings.family,
         "space": settings.space,
         "defaults": settings.defaults,
         "seed": settings.seed,
         "objective": settings.objective,
+        "refit_on": settings.refit_on,  # logged as a param of the parent run, which is immutable
         "pruner": [settings.n_startup_trials, settings.n_warmup_steps],
         "classes": data.classes,
         "features": data.features_sha256,
@@ -433,31 +432,18 @@ def history_table(study: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["trial", "state", "value", "best_value"])
 
 
-def per_class_table(evaluation: FamilyEvaluation, classes: list[str], level: str) -> pd.DataFrame:
-    """Precision, recall, F1 and support per genre, at the model's level and per song."""
+def per_class_table(evaluation: FamilyEvaluation, classes: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per genre over the test songs (for a segment model, the
+    song vote), the level of the confusion matrix and of evaluate's metric: one row per genre, so
+    the DVC bar plot draws one bar each."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    frames = []
-    levels = [(level, evaluation.actual, evaluation.predicted)]
-    if level == "segment":
-        levels.append(("song", evaluation.song_actual, evaluation.song_predicted))
-    for name, actual, predicted in levels:
-        precision, recall, f1, support = precision_recall_fscore_support(
-            actual, predicted, labels=classes, zero_division=0
-        )
-        frames.append(
-            pd.DataFrame(
-                {
-                    "level": name,
-                    "genre": classes,
-                    "precision": precision,
-                    "recall": recall,
-                    "f1": f1,
-                    "support": support,
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        evaluation.song_actual, evaluation.song_predicted, labels=classes, zero_division=0
+    )
+    return pd.DataFrame(
+        {"genre": classes, "precision": precision, "recall": recall, "f1": f1, "support": support}
+    )
 
 
 @dataclass(frozen=True)
@@ -469,7 +455,9 @@ class OutputPaths:
 
     @property
     def metrics(self) -> Path:
-        """Validation and test metrics, named after the split (for `dvc metrics show`)."""
+        """Validation and test metrics, named after the split. A plain output, not a DVC metrics
+        file: `dvc metrics show` and `dvc exp show` stay readable with the compact
+        metrics/evaluate.json, which holds every family's test score."""
         return self.reports / "metrics.json"
 
     @classmethod
@@ -501,9 +489,7 @@ def write_reports(
         f"Optuna: {settings.family} [{data.label} split]",
         settings.objective_key,
     )
-    per_class_table(test, data.classes, data.level).to_csv(
-        folder / "per_class_test.csv", index=False
-    )
+    per_class_table(test, data.classes).to_csv(folder / "per_class_test.csv", index=False)
     plots.confusion_png(
         test.song_actual,
         test.song_predicted,
@@ -655,7 +641,7 @@ def run(
     n_trials: int | None = None,
     workers: int | None = None,
     join: bool = False,
-    worker: int = 0,
+    worker: int | None = None,
     name: str | None = None,
     stage_arguments: list[str] | None = None,
 ) -> dict[str, Any] | None:
@@ -684,7 +670,10 @@ def run(
     name = name or study_name(settings, data)
 
     if join:
-        study = open_study(settings, name, root, worker=worker, create=False)
+        # A worker started by hand (another machine) gets a sampler stream of its own: with the
+        # stage's seed it would propose the same parameters as the stage's own process.
+        stream = worker if worker is not None else os.getpid()
+        study = open_study(settings, name, root, worker=stream, create=False)
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
         if not parent:
             raise ConfigError(f"study {name!r} has no parent run yet: start the stage first")
@@ -734,7 +723,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only run trials of the stage's study (it must exist), e.g. on another machine",
     )
     parser.add_argument("--study-name", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def describe(record: dict[str, Any]) -> str:
