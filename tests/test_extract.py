@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +142,102 @@ def test_process_pool_gives_the_same_tables(stage_repo):
     pd.testing.assert_frame_equal(pd.read_csv(root / "data/features/features_3_sec.csv"), single)
 
 
+def test_a_worker_that_dies_ends_the_stage_with_the_unfinished_clips(stage_repo):
+    """A worker killed mid-stage (as a crash in a native decoder would) must not leave the stage
+    waiting for it forever: the error names the clips not finished."""
+    import psutil
+
+    root, params = stage_repo
+    manifest = pd.read_csv(root / "data/manifest.csv", dtype={"track_id": str, "sha256": str})
+    jobs = extract.jobs_from_manifest(manifest, root, root / "cache", "key")
+    settings = extract.FeatureSettings.from_params(params)
+    results = extract.extract_all(jobs, settings, workers=2, chunksize=1)
+    finished = [next(results)]
+    for child in psutil.Process().children():
+        if "resource_tracker" not in " ".join(child.cmdline()):  # the pool's workers only
+            child.kill()
+    with pytest.raises(extract.WorkerCrashError) as raised:
+        finished.extend(results)
+    message = str(raised.value)
+    assert "a worker process of the features stage died" in message
+    unfinished = {job.label for job in jobs} - {result.job.label for result in finished}
+    assert unfinished, "every clip finished before the kill: nothing left to report"
+    assert all(label in message for label in unfinished), message
+    assert "features.workers: 1" in message
+
+
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("features:\n  workers: 1\n")
     assert extract.main(["--params", str(tmp_path / "params.yaml")]) == 1
     error = capsys.readouterr().err
     assert f"{tmp_path / 'data' / 'manifest.csv'}: manifest not found" in error
     assert "run the fetch stage first" in error
+
+
+# Runs the pool of the features stage on the clips named in argv[1:] (2 workers) and prints the
+# features of the first one as JSON on its last line.
+_POOL_SCRIPT = """
+import json, sys, tempfile
+from pathlib import Path
+from gtzan_mlops.extract import ClipJob, extract_all
+from gtzan_mlops.features import FeatureSettings
+if __name__ == "__main__":
+    cache = Path(tempfile.mkdtemp())
+    paths = [Path(arg) for arg in sys.argv[1:]]
+    jobs = [ClipJob(p.stem, p.parent.name, p, cache / (p.stem + ".npz")) for p in paths]
+    results = {r.job.track_id: r for r in extract_all(jobs, FeatureSettings(), workers=2)}
+    first = results[paths[0].stem]
+    assert not first.error, first.error
+    print(json.dumps(first.features.clip.tolist()))
+"""
+
+# Extracts one clip in a process of its own; prints its features as JSON.
+_SINGLE_SCRIPT = """
+import json, sys
+from gtzan_mlops.audio import load_waveform
+from gtzan_mlops.features import FeatureSettings, extract_clip
+settings = FeatureSettings()
+waveform = load_waveform(sys.argv[1], settings.sample_rate)
+print(json.dumps(extract_clip(waveform, settings).clip.tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_pool_workers_on_a_fresh_jit_cache_leave_it_usable(tmp_path, gtzan_mini):
+    """librosa compiles some functions with numba and caches the code on disk; two fresh workers
+    compiling at once left a cache that crashed every later process (segmentation fault in the
+    pitch tracking behind chroma). Each cache file must be written once, by one process, and a
+    later process must load it and give the pool's values."""
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),  # fresh: nothing compiled yet
+        "NUMBA_DEBUG_CACHE": "1",  # numba prints every cache file it saves
+        "PYTHONUNBUFFERED": "1",  # so the workers' lines reach us before the pool ends them
+    }
+    clips = [str(gtzan_mini / "genres" / g / f"{g}.00000.wav") for g in ("blues", "rock")]
+    pool = subprocess.run(
+        [sys.executable, "-c", _POOL_SCRIPT, *clips],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pool.returncode == 0, pool.stderr[-3000:]
+    lines = pool.stdout.splitlines()
+    saves = Counter(line for line in lines if line.startswith("[cache] data saved to"))
+    assert saves, "numba reported no cache writes: the test no longer observes the cache"
+    twice = sorted(line for line, count in saves.items() if count > 1)
+    assert not twice, f"cache files written by more than one process: {twice}"
+
+    later = subprocess.run(
+        [sys.executable, "-c", _SINGLE_SCRIPT, clips[0]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert later.returncode == 0, f"exit {later.returncode}: {later.stderr[-3000:]}"
+    # Equal but for float32 rounding: the workers run single-threaded BLAS, this process not.
+    np.testing.assert_allclose(
+        json.loads(later.stdout.splitlines()[-1]), json.loads(lines[-1]), rtol=1e-6
+    )

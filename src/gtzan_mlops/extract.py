@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from gtzan_mlops.features import (
     FeatureSettings,
     extract_clip,
     feature_names,
+    warm_up,
 )
 
 log = logging.getLogger(__name__)
@@ -128,21 +131,49 @@ def extract_job(job: ClipJob, settings: FeatureSettings) -> ClipResult:
     return ClipResult(job, features, len(waveform))
 
 
-def _run_job(args: tuple[ClipJob, FeatureSettings]) -> ClipResult:
-    return extract_job(*args)
+class WorkerCrashError(RuntimeError):
+    """A worker process of the pool died (a crash inside a native library, or killed)."""
+
+
+def _run_chunk(jobs: list[ClipJob], settings: FeatureSettings) -> list[ClipResult]:
+    return [extract_job(job, settings) for job in jobs]
 
 
 def extract_all(
     jobs: list[ClipJob], settings: FeatureSettings, workers: int, chunksize: int = 1
 ) -> Iterator[ClipResult]:
-    """Results in completion order, from `workers` processes (1: in this process)."""
-    tasks = [(job, settings) for job in jobs]
+    """Results in completion order, from `workers` processes (1: in this process).
+
+    A worker that dies ends the stage with `WorkerCrashError` naming the clips it may have been
+    on, instead of waiting for it forever; the clips finished so far are in the cache already.
+    """
     if workers <= 1 or len(jobs) <= 1:
-        yield from map(_run_job, tasks)
+        yield from (extract_job(job, settings) for job in jobs)
         return
-    context = multiprocessing.get_context("spawn")  # no forked copies of a threaded parent
-    with context.Pool(processes=workers, initializer=_worker_init) as pool:
-        yield from pool.imap_unordered(_run_job, tasks, chunksize=max(1, chunksize))
+    warm_up(settings)  # compiles librosa's numba code here, so the workers only read its cache
+    size = max(1, chunksize)
+    chunks = [jobs[start : start + size] for start in range(0, len(jobs), size)]
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),  # no forked copies of a threaded parent
+        initializer=_worker_init,
+    ) as pool:
+        pending = {pool.submit(_run_chunk, chunk, settings): chunk for chunk in chunks}
+        try:
+            for future in as_completed(pending):
+                yield from future.result()
+                del pending[future]
+        except BrokenProcessPool as error:
+            unfinished = [job.label for chunk in pending.values() for job in chunk]
+            shown = ", ".join(unfinished[:10]) + (" ..." if len(unfinished) > 10 else "")
+            raise WorkerCrashError(
+                f"a worker process of the features stage died ({error}); {len(unfinished)} "
+                f"clips unfinished, among them the one it was on: {shown}. Clips finished so "
+                "far are cached; rerun with features.workers: 1 to see which clip fails"
+            ) from error
+        finally:
+            # Stopped early (an error, Ctrl-C): drop the chunks not started instead of waiting.
+            pool.shutdown(cancel_futures=True)
 
 
 def jobs_from_manifest(
@@ -246,4 +277,4 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("features", __doc__, run, argv)
+    return stage_main("features", __doc__, run, argv, errors=(WorkerCrashError,))

@@ -7,12 +7,20 @@ excerpt, the harmonic/percussive waveforms of HPSS, and the estimated tempo.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import librosa
 import numpy as np
+from filelock import FileLock
 from scipy import ndimage
+
+log = logging.getLogger(__name__)
 
 N_MFCC_REFERENCE = 20
 
@@ -230,6 +238,39 @@ def extract_clip(
         for start, stop in segment_bounds(len(samples), settings)
     ]
     return ClipFeatures(clip=clip, segments=np.reshape(segments, (len(segments), n_features)))
+
+
+def jit_lock_path() -> Path:
+    """The lock `warm_up` holds: beside numba's cache (NUMBA_CACHE_DIR when set; by default
+    numba caches beside librosa's modules, in this environment's site-packages)."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or sys.prefix) / ".gtzan-mlops-jit.lock"
+
+
+def warm_up(settings: FeatureSettings) -> None:
+    """Run the extractor once, one process at a time, on a synthetic segment of noise.
+
+    librosa compiles some of its functions with numba on first use (the pitch tracking behind
+    chroma among them) and numba keeps the machine code in an on-disk cache that is not safe for
+    concurrent writers: two fresh processes compiling at once can leave cache files of both, and
+    every later process that loads them dies of a segmentation fault (seen: the two pool workers
+    of the first features stage in a new environment). Under the lock the first process
+    compiles and writes the cache; the others, and every process started after it, only read
+    it. Call it before starting worker processes, and where a process that may start beside
+    others (a serving worker) loads.
+    """
+    noise = (0.1 * np.random.default_rng(0).standard_normal(settings.segment_samples)).astype(
+        np.float32
+    )
+    path = jit_lock_path()
+    with contextlib.ExitStack() as held:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(FileLock(path))
+        except OSError as error:  # read-only environment: numba cannot write its cache there
+            log.warning(
+                "no lock for the JIT warm-up at %s (%s): warming up without it", path, error
+            )
+        extract_clip(noise, settings)
 
 
 def naive_features(waveform: np.ndarray, settings: FeatureSettings) -> np.ndarray:

@@ -58,7 +58,13 @@ from threadpoolctl import threadpool_limits
 
 import gtzan_mlops
 from gtzan_mlops.audio import AudioError, load_waveform
-from gtzan_mlops.features import FeatureError, FeatureSettings, extract_clip, feature_names
+from gtzan_mlops.features import (
+    FeatureError,
+    FeatureSettings,
+    extract_clip,
+    feature_names,
+    warm_up,
+)
 
 PATH_COLUMN = "audio_path"
 BASE64_COLUMN = "audio_base64"
@@ -82,6 +88,7 @@ _BASE_REQUIREMENTS = (
     "soxr",
     "pyyaml",
     "cloudpickle",
+    "filelock",
 )
 
 
@@ -212,6 +219,9 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         # contend with each other and with concurrent requests (segments of a 30 s clip, this
         # 2-core machine: 546 ms with one BLAS thread, 625 ms with the default two).
         threadpool_limits(1)
+        # librosa's JIT code compiled (or read from numba's cache) now, one server worker at a
+        # time, rather than in the first request and in several workers at once.
+        warm_up(self.spec.settings)
 
     def _waveform(self, row: dict[str, Any], index: int) -> tuple[str, np.ndarray]:
         """The name used in messages and the decoded waveform of one input row."""
