@@ -4,7 +4,7 @@ Starts the real scoring server (`mlflow models serve -m <model> --env-manager lo
 port of 127.0.0.1, sends it real GTZAN clips (one 30 s clip per request, cycling through the
 clips, spread over the genres) and measures, on the client side, how long each request takes:
 
-  1. `--warmup` requests first (numba compiles librosa's kernels on the first one), not timed;
+  1. `--warmup` requests first (a new process's first calls are slower), not timed;
   2. `--requests N` sequential requests, one client: latency p50/p95/max/mean and requests/s;
   3. one bad request (bytes that are not audio), which must get a 4xx with a message, then a good
      request, which must get the same answer as before (the server is not affected);
