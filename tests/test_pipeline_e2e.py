@@ -78,6 +78,9 @@ def pipeline(tmp_path_factory, repo_root, gtzan_mini):
         GIT_AUTHOR_EMAIL="test@example.invalid",
         GIT_COMMITTER_NAME="test",
         GIT_COMMITTER_EMAIL="test@example.invalid",
+        # An empty JIT cache, as in a new environment: the features stage's pool compiles
+        # librosa's numba code first, and every later stage must load what it left.
+        NUMBA_CACHE_DIR=str(repo.parent / "numba-cache"),
     )
     # Four families (tests/test_train.py trains every one): a stage per family is the same
     # wiring whatever the family, and each costs ~10 s of start-up.
