@@ -174,31 +174,21 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     assert "run the fetch stage first" in error
 
 
-# Runs the pool of the features stage on the clips named in argv[1:] (2 workers) and prints the
-# features of the first one as JSON on its last line.
-_POOL_SCRIPT = """
+# Runs the features stage's extract_all with argv[1] workers (1: in this process) on the clips
+# named after it and prints the features of the first clip as JSON on its last line.
+_EXTRACT_SCRIPT = """
 import json, sys, tempfile
 from pathlib import Path
 from gtzan_mlops.extract import ClipJob, extract_all
 from gtzan_mlops.features import FeatureSettings
 if __name__ == "__main__":
     cache = Path(tempfile.mkdtemp())
-    paths = [Path(arg) for arg in sys.argv[1:]]
+    workers, paths = int(sys.argv[1]), [Path(arg) for arg in sys.argv[2:]]
     jobs = [ClipJob(p.stem, p.parent.name, p, cache / (p.stem + ".npz")) for p in paths]
-    results = {r.job.track_id: r for r in extract_all(jobs, FeatureSettings(), workers=2)}
+    results = {r.job.track_id: r for r in extract_all(jobs, FeatureSettings(), workers=workers)}
     first = results[paths[0].stem]
     assert not first.error, first.error
     print(json.dumps(first.features.clip.tolist()))
-"""
-
-# Extracts one clip in a process of its own; prints its features as JSON.
-_SINGLE_SCRIPT = """
-import json, sys
-from gtzan_mlops.audio import load_waveform
-from gtzan_mlops.features import FeatureSettings, extract_clip
-settings = FeatureSettings()
-waveform = load_waveform(sys.argv[1], settings.sample_rate)
-print(json.dumps(extract_clip(waveform, settings).clip.tolist()))
 """
 
 
@@ -216,7 +206,7 @@ def test_pool_workers_on_a_fresh_jit_cache_leave_it_usable(tmp_path, gtzan_mini)
     }
     clips = [str(gtzan_mini / "genres" / g / f"{g}.00000.wav") for g in ("blues", "rock")]
     pool = subprocess.run(
-        [sys.executable, "-c", _POOL_SCRIPT, *clips],
+        [sys.executable, "-c", _EXTRACT_SCRIPT, "2", *clips],
         env=env,
         capture_output=True,
         text=True,
@@ -230,7 +220,7 @@ def test_pool_workers_on_a_fresh_jit_cache_leave_it_usable(tmp_path, gtzan_mini)
     assert not twice, f"cache files written by more than one process: {twice}"
 
     later = subprocess.run(
-        [sys.executable, "-c", _SINGLE_SCRIPT, clips[0]],
+        [sys.executable, "-c", _EXTRACT_SCRIPT, "1", clips[0]],
         env=env,
         capture_output=True,
         text=True,
