@@ -15,11 +15,13 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 
 .PHONY: setup pipeline test lint format benchmark benchmark-serve mlflow-ui clean-venv
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-nodeps.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	# The musicnn wheel carries the MSD_musicnn weights; its own pins (numpy<1.17) are not ours.
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-nodeps.lock
 	$(BIN)/python -m pip install --quiet --no-deps --editable .
 	# The same for commands run in the activated environment (`mlflow ui`, `mlflow run`, `dvc`).
 	grep -q MLFLOW_DISABLE_TELEMETRY $(VENV)/bin/activate || printf '%s\n' \

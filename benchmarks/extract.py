@@ -73,19 +73,20 @@ def run_way(way: str, paths: list[Path], workers: int) -> dict[str, np.ndarray]:
             features = extract_clip(load_waveform(path, settings.sample_rate), settings)
             results[str(path)] = np.vstack([features.clip, features.segments])
     else:
-        from gtzan_mlops.extract import ClipJob, extract_all
+        from gtzan_mlops.extract import ClipJob, ExtractionSettings, extract_all
 
         with tempfile.TemporaryDirectory() as cache:  # empty cache: every clip is extracted
             jobs = [
                 ClipJob(path.stem, path.parent.name, path, Path(cache) / f"{index}.npz")
                 for index, path in enumerate(paths)
             ]
-            for result in extract_all(jobs, settings, workers, chunksize=2):
+            # The hand-crafted features only: what ways 1 and 2 compute.
+            pool_settings = ExtractionSettings(settings)
+            for result in extract_all(jobs, pool_settings, workers, chunksize=2):
                 if result.features is None:
                     raise SystemExit(result.error)
-                results[str(result.job.audio_path)] = np.vstack(
-                    [result.features.clip, result.features.segments]
-                )
+                hand = result.features.handcrafted
+                results[str(result.job.audio_path)] = np.vstack([hand.clip, hand.segments])
     return results
 
 

@@ -221,6 +221,8 @@ def small_project(
         {
             "train.families": list(families),
             "evaluate.candidates": list(families),
+            # The synthetic tables are hand-crafted ones only.
+            "train.candidate_feature_sets": [],
             "evaluate.families": list(families),
             **{f"train.{family}.n_trials": n_trials for family in families},
             **QUICK_BUDGETS,

@@ -180,11 +180,10 @@ def synthetic_test_data(
         "leaky": leaky,
     }
     data = TestData(
-        clips=test["clip"],
-        segments=test["segment"],
         summary=summary,
-        features_sha256={"clip": f"{features}-clip", "segment": f"{features}-segment"},
         split_sha256=split_sha256,
+        tables={("handcrafted", level): rows for level, rows in test.items()},
+        digests={("handcrafted", level): f"{features}-{level}" for level in test},
     )
     return data, train
 
@@ -201,11 +200,14 @@ def fit_confusing(rows: pd.DataFrame, confused_genres: int) -> Pipeline:
 
 
 def training_record(family: str, model_uri: str, level: str, data) -> dict:
-    """What a training stage writes to data/train/<family>.json, for a synthetic model."""
+    """What a training stage writes to data/train/<model>.json, for a synthetic model (named
+    `family` here, on the hand-crafted features)."""
     settings = FeatureSettings().to_dict()
     settings.pop("last_segment_min_fraction")
     return {
+        "model": family,
         "family": family,
+        "feature_set": "handcrafted",
         "flavor": "sklearn",
         "run_id": None,
         "model_uri": model_uri,
@@ -216,7 +218,7 @@ def training_record(family: str, model_uri: str, level: str, data) -> dict:
             "label": data.summary["label"],
             "leaky": data.summary["leaky"],
         },
-        "features_sha256": data.features_sha256[level],
+        "features_sha256": data.features_sha256(level),
         "split_sha256": data.split_sha256,
         "feature_settings": settings,
         "classes": list(GENRES),

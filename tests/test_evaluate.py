@@ -98,8 +98,8 @@ def test_scores_every_family_and_only_a_candidate_wins(setup, tmp_path):
 def test_song_votes_average_segment_probabilities(setup):
     data, _, models = setup
     model = models["fnn"]
-    rows = data.segments
-    evaluation = score_classifier(model, "segment", GENRES, 20, rows, family="fnn")
+    rows = data.rows("segment")
+    evaluation = score_classifier(model, "segment", GENRES, list(FEATURE_NAMES), rows, family="fnn")
     probabilities = model.predict_proba(rows[list(FEATURE_NAMES)])
     by_song = pd.DataFrame(probabilities).groupby(rows["track_id"].to_numpy()).mean()
     expected = np.asarray(GENRES)[by_song.to_numpy().argmax(axis=1)]

@@ -163,7 +163,7 @@ class Expected:
         import mlflow
 
         records = {
-            family: json.loads((project / "data/train" / f"{family}.json").read_text())
+            family: json.loads((project / "data/train" / f"{family}-handcrafted.json").read_text())
             for family in FAMILIES
         }
         split_label = records[FAMILIES[0]]["split"]["label"]
@@ -172,8 +172,13 @@ class Expected:
         model_name = params.get("promote", {}).get("model_name", "gtzan-genre-classifier")
         return cls(
             split_label=split_label,
-            parents={family: f"train-{family} [{split_label}]" for family in FAMILIES},
-            trials={f: [f"{f}-trial-{n:03d}" for n in range(N_TRIALS)] for f in FAMILIES},
+            parents={
+                family: f"train-{family} [handcrafted features, {split_label} split]"
+                for family in FAMILIES
+            },
+            trials={
+                f: [f"{f}-handcrafted-trial-{n:03d}" for n in range(N_TRIALS)] for f in FAMILIES
+            },
             shared={
                 family: client.get_run(records[family]["run_id"]).data.metrics[SHARED_METRIC]
                 for family in FAMILIES

@@ -107,6 +107,6 @@ def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
         assert parent["tags.mlflow.project.entryPoint"] == "train"
         trials = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
         assert len(trials) == 2
-        assert (project / "data/train/knn.json").is_file()
+        assert (project / "data/train/knn-handcrafted.json").is_file()
     finally:
         mlflow.set_tracking_uri(None)

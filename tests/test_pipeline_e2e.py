@@ -28,6 +28,7 @@ from live_services import QUICK_BUDGETS, run_command, set_params
 pytestmark = pytest.mark.slow
 
 E2E_FAMILIES = ["naive_bayes", "sgd", "fnn_simple", "xgboost"]
+E2E_CANDIDATES = ["fnn_simple", "xgboost"]  # trained on both feature sets too
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -90,7 +91,7 @@ def pipeline(tmp_path_factory, repo_root, gtzan_mini):
             "data.source": "local",
             "data.local_dir": str(gtzan_mini),
             "train.families": E2E_FAMILIES,
-            "evaluate.candidates": ["fnn_simple", "xgboost"],
+            "evaluate.candidates": E2E_CANDIDATES,
             **QUICK_BUDGETS,
             **{f"train.{family}.n_trials": 1 for family in E2E_FAMILIES},
         },
@@ -123,28 +124,43 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     families = E2E_FAMILIES
     assert _stages_run(first) == {
         "fetch", "features", "pca", "split", "evaluate", "promote",
-        *(f"train@{family}" for family in families),
+        *(f"train@{family}-handcrafted" for family in families),
+        *(f"train_candidates@{family}-both" for family in E2E_CANDIDATES),
     }  # fmt: skip
 
     manifest = pd.read_csv(repo / "data/manifest.csv")
     assert len(manifest) == 70 and (manifest["status"] == "ok").all()
     assert len(pd.read_csv(repo / "data/features/features_30_sec.csv")) == 70
     assert len(pd.read_csv(repo / "data/features/features_3_sec.csv")) == 700
+    assert len(pd.read_csv(repo / "data/features/musicnn_30_sec.csv")) == 70
+    assert len(pd.read_csv(repo / "data/features/musicnn_3_sec.csv")) == 700
 
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluation["split"] == "song-grouped" and evaluation["leaky"] is False
-    assert evaluation["winner"] in ("fnn_simple", "xgboost")
-    assert set(evaluation["test_song_macro_f1"]) == set(families)
+    models = {
+        *(f"{family}-handcrafted" for family in families),
+        *(f"{family}-both" for family in E2E_CANDIDATES),
+    }
+    assert evaluation["winner"] in {
+        f"{f}-{s}" for f in E2E_CANDIDATES for s in ("handcrafted", "both")
+    }
+    assert set(evaluation["test_song_macro_f1"]) == models
     promotion = json.loads((repo / "metrics/promotion.json").read_text())
     assert promotion["promoted"] is True and promotion["champion_version"] == 1
 
     runs = _runs(repo)
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     names = set(parents["tags.mlflow.runName"])
-    assert {f"train-{family} [song-grouped]" for family in families} <= names
+    assert {
+        f"train-{family} [handcrafted features, song-grouped split]" for family in families
+    } <= names
+    assert {
+        f"train-{family} [both features, song-grouped split]" for family in E2E_CANDIDATES
+    } <= names
     assert {"evaluate [song-grouped]", "pca [30 s features]"} <= names
     trials = runs[runs["tags.mlflow.parentRunId"].notna()]
-    assert len(trials) == len(families)  # one trial each, in the same experiment as the parents
+    # One trial each, in the same experiment as the parents.
+    assert len(trials) == len(families) + len(E2E_CANDIDATES)
     assert (runs["tags.git_commit"].str.len() >= 40).all()
     assert runs["tags.dvc.data_raw_md5"].notna().all()
 
@@ -182,10 +198,13 @@ def test_exp_run_of_a_search_space_reruns_only_that_family(pipeline):
         repo,
         env,
     )
-    assert _stages_run(output) == {"train@sgd", "evaluate", "promote"}, output
+    assert _stages_run(output) == {"train@sgd-handcrafted", "evaluate", "promote"}, output
     runs = _runs(repo)
     tagged = runs[runs["tags.dvc.exp_name"] == "sgd-wider"]
-    assert set(tagged["tags.mlflow.runName"]) >= {"train-sgd [song-grouped]", "sgd-trial-000"}
+    assert set(tagged["tags.mlflow.runName"]) >= {
+        "train-sgd [handcrafted features, song-grouped split]",
+        "sgd-handcrafted-trial-000",
+    }
     # The README's view: what changed between experiments, and the winner.
     shown = _run(
         ["dvc", "exp", "show", "--no-pager", "--csv", "--only-changed", "--keep", "winner.*"],
@@ -213,14 +232,15 @@ def test_queued_experiment_runs_in_a_temporary_copy_into_the_same_store(pipeline
     assert "Success" in status, status
     _run(["dvc", "queue", "stop"], repo, env)
     runs = _runs(repo)
-    parent = runs[runs["tags.mlflow.runName"] == "train-naive_bayes [song-grouped]"]
+    parent_name = "train-naive_bayes [handcrafted features, song-grouped split]"
+    parent = runs[runs["tags.mlflow.runName"] == parent_name]
     assert len(parent) == 1
     queued = runs[runs["tags.dvc.exp_name"] == "queued-nb"]
-    assert "naive_bayes-trial-001" in set(queued["tags.mlflow.runName"])
+    assert "naive_bayes-handcrafted-trial-001" in set(queued["tags.mlflow.runName"])
     trials = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
     assert sorted(trials["tags.mlflow.runName"]) == [
-        "naive_bayes-trial-000",
-        "naive_bayes-trial-001",
+        "naive_bayes-handcrafted-trial-000",
+        "naive_bayes-handcrafted-trial-001",
     ]
 
 

@@ -37,7 +37,7 @@ def test_two_workers_record_every_trial_once_on_a_postgres_backed_server(tmp_pat
                 env.pop(name, None)
             train = ["train", "--family", FAMILY, "--workers", str(WORKERS)]
             run_stage([*train, "--n-trials", str(N_TRIALS)], project, env)
-            record = json.loads((project / "data/train" / f"{FAMILY}.json").read_text())
+            record = json.loads((project / "data/train" / f"{FAMILY}-handcrafted.json").read_text())
 
             # Optuna: the study in PostgreSQL holds the finished trials, none failed or stuck.
             # Workers stop once N_TRIALS have finished, so a worker's trial that was already
@@ -77,7 +77,7 @@ def test_two_workers_record_every_trial_once_on_a_postgres_backed_server(tmp_pat
                 run = runs[run_of_trial[trial.number]]
                 assert run.data.tags["optuna.trial"] == str(trial.number)
                 assert run.data.tags["optuna.study"] == study.study_name
-                assert run.info.run_name == f"{FAMILY}-trial-{trial.number:03d}"
+                assert run.info.run_name == f"{FAMILY}-handcrafted-trial-{trial.number:03d}"
                 assert run.info.status == "FINISHED"
                 if trial.state == TrialState.COMPLETE:
                     assert run.data.metrics["valid_accuracy"] == pytest.approx(trial.value)

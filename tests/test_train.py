@@ -47,8 +47,10 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     record = train.run(params, project, family)
 
     # The record evaluate reads, and the DVC metrics file naming its split.
-    assert json.loads((project / "data/train" / f"{family}.json").read_text()) == record
-    metrics = json.loads((project / "reports/train" / family / "metrics.json").read_text())
+    assert json.loads((project / "data/train" / f"{family}-handcrafted.json").read_text()) == record
+    metrics = json.loads(
+        (project / "reports/train" / f"{family}-handcrafted" / "metrics.json").read_text()
+    )
     assert metrics["split"] == "song-grouped" and metrics["leaky"] is False
     # Genres are well apart in the synthetic data: every family must beat chance (0.1) clearly.
     assert metrics["test_accuracy"] > 0.3, metrics
@@ -57,7 +59,7 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     # One parent run with one nested run per trial, all with the same metric names.
     assert mlflow.get_tracking_uri() == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     parent = mlflow.get_run(record["run_id"])
-    assert parent.info.run_name == f"train-{family} [song-grouped]"
+    assert parent.info.run_name == f"train-{family} [handcrafted features, song-grouped split]"
     assert parent.data.tags["split"] == "song-grouped"
     assert "git_commit" in parent.data.tags
     assert {"test_accuracy", "test_song_accuracy", "best_valid_accuracy"} <= set(
@@ -73,7 +75,7 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     assert {"confusion_test.png", "per_class_test.csv", "optuna_history.png", "history.csv"} <= (
         artifacts
     )
-    assert (project / "reports/train" / family / "optuna_history.png").is_file()
+    assert (project / "reports/train" / f"{family}-handcrafted" / "optuna_history.png").is_file()
 
     # The logged model loads and gives probabilities over the ten genres.
     model = models.load_classifier(record["model_uri"], record["flavor"])

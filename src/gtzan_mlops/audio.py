@@ -156,6 +156,32 @@ def find_truncation(path: str | os.PathLike[str]) -> Truncation | None:
     return Truncation(promised_bytes // frame_bytes, held_bytes // frame_bytes)
 
 
+def decode_mono(
+    source: str | os.PathLike[str] | bytes,
+    name: str | None = None,
+    max_seconds: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Mono float32 samples of a file path or encoded bytes at the file's own rate, and that
+    rate: one decode that every feature set resamples from (see `resample`). `max_seconds`
+    refuses longer audio before decoding it (a small compressed upload can decode to gigabytes).
+    """
+    label = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
+    samples, file_rate = _decode(source, label, max_seconds)
+    waveform = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    return np.ascontiguousarray(waveform, dtype=np.float32), file_rate
+
+
+def resample(waveform: np.ndarray, file_rate: int, sample_rate: int) -> np.ndarray:
+    """`waveform` at `sample_rate` as `librosa.load` would give it (soxr_hq); unchanged when it
+    is already at that rate."""
+    if file_rate == sample_rate:
+        return waveform
+    import librosa  # imported here: decoding alone should not pay librosa's import time
+
+    resampled = librosa.resample(waveform, orig_sr=file_rate, target_sr=sample_rate)
+    return np.ascontiguousarray(resampled, dtype=np.float32)
+
+
 def load_waveform(
     source: str | os.PathLike[str] | bytes,
     sample_rate: int,
@@ -165,14 +191,7 @@ def load_waveform(
     """Mono float32 samples of a file path or encoded bytes, resampled to `sample_rate`.
 
     Matches `librosa.load(path, sr=sample_rate)` (channel mean, soxr_hq resampling) and skips
-    the resampler when the file is already at the target rate. `max_seconds` refuses longer
-    audio before decoding it (a small compressed upload can decode to gigabytes).
+    the resampler when the file is already at the target rate.
     """
-    label = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
-    samples, file_rate = _decode(source, label, max_seconds)
-    waveform = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    if file_rate != sample_rate:
-        import librosa  # imported here: decoding alone should not pay librosa's import time
-
-        waveform = librosa.resample(waveform, orig_sr=file_rate, target_sr=sample_rate)
-    return np.ascontiguousarray(waveform, dtype=np.float32)
+    waveform, file_rate = decode_mono(source, name, max_seconds)
+    return resample(waveform, file_rate, sample_rate)

@@ -1,6 +1,8 @@
-"""The `evaluate` stage: every trained family on the same held-out test set, and the winner.
+"""The `evaluate` stage: every trained model on the same held-out test set, and the winner.
 
-Each family's best model (from `data/train/<family>.json`) is loaded from MLflow and scored on
+A model is a family trained on a feature set (`<family>-<feature set>`, e.g. `xgboost-both`),
+so the winner is chosen across families and feature sets on the same test songs. Each model's
+best version (from `data/train/<model>.json`) is loaded from MLflow and scored on
 the test subset of the active split, at its own level: a segment-level model on the test
 segments, a clip-level model on the test clips. Segment-level models are also scored per song
 (segment probabilities averaged per track, the way the served model classifies a clip); for a
@@ -28,9 +30,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
+from gtzan_mlops import feature_sets
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path
-from gtzan_mlops.features import feature_names
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +112,19 @@ def score_classifier(
     classifier: Any,
     level: str,
     classes: list[str] | tuple[str, ...],
-    n_mfcc: int,
+    columns: list[str],
     rows: pd.DataFrame,
     family: str = "",
     subset: str = TEST_SUBSET,
 ) -> FamilyEvaluation:
     """Metrics of a classifier on the rows of one subset at its level (`track_id`, `genre`, the
-    features), named `<subset>_<metric>`.
+    feature `columns`), named `<subset>_<metric>`.
 
     `classes` is the order of the classifier's probability columns; labels are compared by
     name, so a model with another class order is scored correctly.
     """
     if rows.empty:
         raise EvaluationError(f"{family or 'model'}: the {subset} set holds no {level} rows")
-    columns = list(feature_names(n_mfcc))
     absent = [name for name in columns if name not in rows.columns]
     if absent:
         raise EvaluationError(f"{family}: {subset} features lack columns {absent[:3]}...")
@@ -179,24 +180,49 @@ def choose_winner(
     return max(scored, key=lambda name: (evaluations[name][metric], -scored.index(name)))
 
 
-@dataclass(frozen=True)
+@dataclass
 class TestData:
-    """The test rows of the active split at both levels, and what identifies them."""
+    """The test rows of the active split per (feature set, level), and the sha256 of the tables
+    they come from. Read from `features_dir` when first asked for, unless given in `tables` and
+    `digests` (in memory)."""
 
-    clips: pd.DataFrame
-    segments: pd.DataFrame
     summary: dict[str, Any]
-    features_sha256: dict[str, str]  # level -> sha256 of its features table
     split_sha256: str
+    tables: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    digests: dict[tuple[str, str], str] = field(default_factory=dict)
+    features_dir: Path | None = None
+    assignments: pd.DataFrame | None = None
 
-    def rows(self, level: str) -> pd.DataFrame:
-        return self.segments if level == "segment" else self.clips
+    def rows(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> pd.DataFrame:
+        from gtzan_mlops import split
+
+        key = (feature_set, level)
+        if key not in self.tables:
+            if self.features_dir is None or self.assignments is None:
+                raise EvaluationError(f"no {feature_set} test rows at the {level} level")
+            try:
+                table = feature_sets.read_table(self.features_dir, feature_set, level)
+            except FileNotFoundError as error:
+                raise EvaluationError(str(error)) from error
+            table = split.attach_subsets(table, self.assignments)
+            self.tables[key] = table[table["subset"] == TEST_SUBSET].reset_index(drop=True)
+        return self.tables[key]
+
+    def features_sha256(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> str:
+        """sha256 of the table(s) a model of this feature set and level reads ("" if absent)."""
+        key = (feature_set, level)
+        if key not in self.digests:
+            folder = self.features_dir
+            paths = feature_sets.table_paths(folder, feature_set, level) if folder else []
+            present = bool(paths) and all(path.is_file() for path in paths)
+            digest = feature_sets.tables_digest(folder, feature_set, level) if present else ""
+            self.digests[key] = digest
+        return self.digests[key]
 
 
-def feature_table_paths(params: dict[str, Any], root: Path) -> dict[str, Path]:
-    stage = params.get("features", {})
-    folder = resolve_path(stage.get("output_dir", "data/features"), root)
-    return {"clip": folder / "features_30_sec.csv", "segment": folder / "features_3_sec.csv"}
+def feature_dir(params: dict[str, Any], root: Path) -> Path:
+    """The folder of the features stage's tables."""
+    return resolve_path(params.get("features", {}).get("output_dir", "data/features"), root)
 
 
 def split_dir(params: dict[str, Any], root: Path) -> Path:
@@ -205,23 +231,15 @@ def split_dir(params: dict[str, Any], root: Path) -> Path:
 
 def load_test_data(params: dict[str, Any], root: Path) -> TestData:
     """The test subset of the active split, from the feature tables the models trained on."""
-    from gtzan_mlops import split, tracking
+    from gtzan_mlops import split
 
     folder = split_dir(params, root)
     assignments, summary = split.load_split(folder)
-    tables = feature_table_paths(params, root)
-    frames: dict[str, pd.DataFrame] = {}
-    for level, path in tables.items():
-        if not path.is_file():
-            raise EvaluationError(f"{path}: no such file (run the features stage)")
-        table = split.attach_subsets(pd.read_csv(path, dtype={"track_id": str}), assignments)
-        frames[level] = table[table["subset"] == TEST_SUBSET].reset_index(drop=True)
     return TestData(
-        clips=frames["clip"],
-        segments=frames["segment"],
         summary=summary,
-        features_sha256={level: tracking.file_digest(path) for level, path in tables.items()},
         split_sha256=split_fingerprint(folder),
+        features_dir=feature_dir(params, root),
+        assignments=assignments,
     )
 
 
@@ -234,8 +252,9 @@ def split_fingerprint(folder: Path) -> str:
 
 def stale_reason(record: dict[str, Any], data: TestData) -> str | None:
     """Why a family's record does not belong to the current features and split, if it does not."""
-    level = record["level"]
-    if record.get("features_sha256") and record["features_sha256"] != data.features_sha256[level]:
+    level, feature_set = record["level"], record_feature_set(record)
+    current = data.features_sha256(level, feature_set)
+    if record.get("features_sha256") and record["features_sha256"] != current:
         return "trained on another version of the features"
     if record.get("split_sha256") and record["split_sha256"] != data.split_sha256:
         return "trained on another split"
@@ -247,13 +266,26 @@ def evaluate_family(record: dict[str, Any], data: TestData) -> FamilyEvaluation:
     from gtzan_mlops.models import load_classifier
 
     classifier = load_classifier(record["model_uri"], record["flavor"])
+    feature_set = record_feature_set(record)
     return score_classifier(
         classifier,
         record["level"],
         list(record["classes"]),
-        int(record["feature_settings"].get("n_mfcc", 20)),
-        data.rows(record["level"]),
-        family=record["family"],
+        feature_sets.columns(feature_set, int(record["feature_settings"].get("n_mfcc", 20))),
+        data.rows(record["level"], feature_set),
+        family=record_model(record),
+    )
+
+
+def record_feature_set(record: dict[str, Any]) -> str:
+    """A training record's feature set (records written before feature sets: handcrafted)."""
+    return str(record.get("feature_set", feature_sets.HANDCRAFTED))
+
+
+def record_model(record: dict[str, Any]) -> str:
+    """A training record's model name, `<family>-<feature set>`."""
+    return str(
+        record.get("model") or feature_sets.model_key(record["family"], record_feature_set(record))
     )
 
 
@@ -296,7 +328,8 @@ def evaluate_records(
 ) -> dict[str, Any]:
     """Score each family's record on `data`, choose the winner, write the metrics and plots.
 
-    `records` maps family -> training record (None: the family has no record). A record that
+    `records` maps model (`<family>-<feature set>`; the summary's "families" are these) ->
+    training record (None: the model has no record). A record that
     belongs to other features or another split is skipped with its reason, not scored.
     """
     label = split_label(data.summary)
@@ -312,6 +345,8 @@ def evaluate_records(
         evaluation = evaluate_family(record, data)
         details[family] = evaluation
         results[family] = {
+            "family": record["family"],
+            "feature_set": record_feature_set(record),
             "split": label,
             "level": record["level"],
             "candidate": family in candidates,
@@ -359,20 +394,34 @@ def selection_metric(stage: dict[str, Any]) -> str:
     return metric
 
 
+def trained_models(params: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The models (`<family>-<feature set>`) the pipeline trains, and those that can win, in
+    order of preference on a tie: every family of `evaluate.families` (default
+    `train.families`) on each of `train.feature_sets`, and the `evaluate.candidates` also on
+    each of `train.candidate_feature_sets`."""
+    stage, train = params.get("evaluate", {}), params.get("train", {})
+    candidates = list(stage.get("candidates", []))
+    families = list(stage.get("families") or train.get("families", candidates))
+    sets = list(train.get("feature_sets", [feature_sets.HANDCRAFTED]))
+    candidate_sets = list(dict.fromkeys([*sets, *train.get("candidate_feature_sets", [])]))
+    winners = [feature_sets.model_key(f, s) for f in candidates for s in candidate_sets]
+    models = [feature_sets.model_key(f, s) for f in families for s in sets]
+    return list(dict.fromkeys([*models, *winners])), winners
+
+
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     """Evaluate every trained family on the test set, pick the winner, write the metrics."""
     from gtzan_mlops import tracking
 
     stage = params.get("evaluate", {})
-    candidates = list(stage.get("candidates", []))
-    families = list(stage.get("families") or params.get("train", {}).get("families", candidates))
+    models, candidates = trained_models(params)
     metric = selection_metric(stage)
     records_dir = resolve_path(stage.get("records_dir", "data/train"), root)
     records = {
-        family: load_family_record(records_dir / f"{family}.json")
-        if (records_dir / f"{family}.json").is_file()
+        model: load_family_record(records_dir / f"{model}.json")
+        if (records_dir / f"{model}.json").is_file()
         else None
-        for family in dict.fromkeys([*families, *candidates])
+        for model in models
     }
     tracking.use_store(root)
     output_dir = resolve_path(stage.get("reports_dir", "reports/evaluate"), root)

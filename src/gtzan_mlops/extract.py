@@ -1,9 +1,11 @@
-"""The `features` stage: the 57 features of every usable clip, per clip and per segment.
+"""The `features` stage: both feature sets of every usable clip, per clip and per segment.
 
-Clips are spread over a process pool. Each finished clip is saved at once in a per-file cache
-keyed by the audio's sha256, the feature settings and the extraction code (the source of
-features.py and audio.py, the versions of the audio libraries), so a rerun after adding clips or
-after an interruption extracts only what is missing. A clip that fails is logged with its
+The 57 hand-crafted features and the MSD_musicnn embeddings (with its 50 tag probabilities)
+are computed from one decode of each clip (feature_sets.extract_sets). Clips are spread over a
+process pool. Each finished clip is saved at once in a per-file cache keyed by the audio's
+sha256, the feature settings, the musicnn weights and the extraction code (the source of the
+extraction modules, the versions of the libraries), so a rerun after adding clips or after an
+interruption extracts only what is missing. A clip that fails is logged with its
 reason, listed in `failures.csv` and skipped; the stage still writes the tables of the others.
 """
 
@@ -26,14 +28,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from gtzan_mlops.audio import AudioError, load_waveform
+from gtzan_mlops import feature_sets, musicnn
+from gtzan_mlops.audio import AudioError, decode_mono
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import resolve_path
+from gtzan_mlops.feature_sets import ExtractedSets, ExtractionSettings, extract_sets
 from gtzan_mlops.features import (
     ClipFeatures,
     FeatureError,
     FeatureSettings,
-    extract_clip,
     feature_names,
     warm_up,
 )
@@ -41,11 +44,11 @@ from gtzan_mlops.features import (
 log = logging.getLogger(__name__)
 
 # What computes a feature value besides its settings: cached features of other code are not reused.
-EXTRACTION_MODULES = ("features.py", "audio.py")
-EXTRACTION_LIBRARIES = ("librosa", "numpy", "scipy", "soundfile", "soxr")
+EXTRACTION_MODULES = ("features.py", "audio.py", "musicnn.py", "feature_sets.py")
+EXTRACTION_LIBRARIES = ("librosa", "numpy", "scipy", "soundfile", "soxr", "tensorflow-cpu", "keras")
 
-CLIP_TABLE = "features_30_sec.csv"
-SEGMENT_TABLE = "features_3_sec.csv"
+CLIP_TABLE = feature_sets.TABLES[feature_sets.HANDCRAFTED]["clip"]
+SEGMENT_TABLE = feature_sets.TABLES[feature_sets.HANDCRAFTED]["segment"]
 FAILURES_TABLE = "failures.csv"
 
 
@@ -65,7 +68,7 @@ class ClipJob:
 @dataclass(frozen=True)
 class ClipResult:
     job: ClipJob
-    features: ClipFeatures | None
+    features: ExtractedSets | None
     clip_length: int = 0
     error: str = ""
     from_cache: bool = False
@@ -83,64 +86,102 @@ def extraction_code_fingerprint() -> dict[str, str]:
     }
 
 
-def settings_key(settings: FeatureSettings) -> str:
-    """A short hash of everything that decides a feature value: settings and extraction code."""
+def settings_key(settings: ExtractionSettings) -> str:
+    """A short hash of everything that decides a feature value: settings, weights and code."""
     payload = json.dumps(
-        {**settings.to_dict(), "code": extraction_code_fingerprint()}, sort_keys=True
+        {
+            **settings.features.to_dict(),
+            "musicnn_weights": musicnn.weights_digest(settings.musicnn_weights)
+            if settings.musicnn_weights
+            else None,
+            "code": extraction_code_fingerprint(),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _load_cached(path: Path) -> tuple[ClipFeatures, int] | None:
+def _load_cached(path: Path) -> tuple[ExtractedSets, int] | None:
     try:
         with np.load(path) as cached:
-            return ClipFeatures(cached["clip"], cached["segments"]), int(cached["length"])
+            embedded = "musicnn_segments" in cached  # absent: hand-crafted only (see settings_key)
+            extracted = ExtractedSets(
+                ClipFeatures(cached["clip"], cached["segments"]),
+                int(cached["length"]),
+                cached["musicnn_segments"] if embedded else None,
+                cached["musicnn_tags"] if embedded else None,
+            )
+            return extracted, extracted.length
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None  # absent, or a partial file from an interrupted run: extract again
 
 
-def _save_cached(path: Path, features: ClipFeatures, length: int) -> None:
+def _save_cached(path: Path, extracted: ExtractedSets) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(partial, "wb") as handle:
-        np.savez(handle, clip=features.clip, segments=features.segments, length=length)
+        embeddings = (
+            {"musicnn_segments": extracted.musicnn_segments, "musicnn_tags": extracted.musicnn_tags}
+            if extracted.musicnn_segments is not None
+            else {}
+        )
+        np.savez(
+            handle,
+            clip=extracted.handcrafted.clip,
+            segments=extracted.handcrafted.segments,
+            length=extracted.length,
+            **embeddings,
+        )
     partial.replace(path)  # atomic: an interrupted write never leaves a readable partial entry
 
 
-def _worker_init() -> None:
-    # One process per core already uses every core: BLAS threads inside each would oversubscribe.
+def _worker_init(embeds: bool) -> None:
+    # One process per core already uses every core: BLAS and TensorFlow threads inside each
+    # would oversubscribe. TensorFlow's pools must be sized before its first op.
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
+    if embeds:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def extract_job(job: ClipJob, settings: FeatureSettings) -> ClipResult:
-    """Features of one clip, from the cache when present; errors are returned, not raised."""
+def extract_job(job: ClipJob, settings: ExtractionSettings) -> ClipResult:
+    """Both feature sets of one clip, from the cache when present; errors are returned, not
+    raised."""
     cached = _load_cached(job.cache_path)
     if cached is not None:
         return ClipResult(job, cached[0], cached[1], from_cache=True)
     try:
-        waveform = load_waveform(job.audio_path, settings.sample_rate, name=job.label)
-        features = extract_clip(waveform, settings)
-    except (AudioError, FeatureError) as error:
+        waveform, file_rate = decode_mono(job.audio_path, name=job.label)
+        extracted = extract_sets(
+            waveform,
+            file_rate,
+            settings.features,
+            settings.musicnn_weights,
+            batch_size=settings.musicnn_batch_size,
+        )
+    except (AudioError, FeatureError, musicnn.MusicnnError) as error:
         message = str(error)
         if not message.startswith(job.label):
             message = f"{job.label}: {message}"
         return ClipResult(job, None, error=message)
-    _save_cached(job.cache_path, features, len(waveform))
-    return ClipResult(job, features, len(waveform))
+    _save_cached(job.cache_path, extracted)
+    return ClipResult(job, extracted, extracted.length)
 
 
 class WorkerCrashError(RuntimeError):
     """A worker process of the pool died (a crash inside a native library, or killed)."""
 
 
-def _run_chunk(jobs: list[ClipJob], settings: FeatureSettings) -> list[ClipResult]:
+def _run_chunk(jobs: list[ClipJob], settings: ExtractionSettings) -> list[ClipResult]:
     return [extract_job(job, settings) for job in jobs]
 
 
 def extract_all(
-    jobs: list[ClipJob], settings: FeatureSettings, workers: int, chunksize: int = 1
+    jobs: list[ClipJob], settings: ExtractionSettings, workers: int, chunksize: int = 1
 ) -> Iterator[ClipResult]:
     """Results in completion order, from `workers` processes (1: in this process).
 
@@ -150,13 +191,15 @@ def extract_all(
     if workers <= 1 or len(jobs) <= 1:
         yield from (extract_job(job, settings) for job in jobs)
         return
-    warm_up(settings)  # compiles librosa's numba code here, so the workers only read its cache
+    # Compiles librosa's numba code here, so the workers only read its cache.
+    warm_up(settings.features)
     size = max(1, chunksize)
     chunks = [jobs[start : start + size] for start in range(0, len(jobs), size)]
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),  # no forked copies of a threaded parent
         initializer=_worker_init,
+        initargs=(settings.musicnn_weights is not None,),
     ) as pool:
         pending = {pool.submit(_run_chunk, chunk, settings): chunk for chunk in chunks}
         try:
@@ -193,49 +236,63 @@ def jobs_from_manifest(
     ]
 
 
-def build_tables(
-    results: list[ClipResult], settings: FeatureSettings
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The clip table, the segment table and the failures, sorted by track (and segment)."""
-    names = list(feature_names(settings.n_mfcc))
-    clip_rows: list[dict[str, Any]] = []
-    segment_rows: list[dict[str, Any]] = []
+def build_tables(results: list[ClipResult], settings: FeatureSettings) -> dict[str, pd.DataFrame]:
+    """Every table of the stage by file name: per feature set its clip and segment tables, the
+    clip's mean MSD tag probabilities and the failures; sorted by track (and segment)."""
+    hand_names = list(feature_names(settings.n_mfcc))
+    rows: dict[str, list[dict[str, Any]]] = {
+        name: [] for level in feature_sets.TABLES.values() for name in level.values()
+    }
+    tags: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     for result in sorted(results, key=lambda item: item.job.track_id):
-        job = result.job
-        if result.features is None:
+        job, extracted = result.job, result.features
+        if extracted is None:
             failures.append({"track_id": job.track_id, "path": job.label, "reason": result.error})
             continue
-        key = {"track_id": job.track_id}
-        clip_rows.append(
-            {
-                **key,
-                "genre": job.genre,
-                "length": result.clip_length,
-                **dict(zip(names, result.features.clip, strict=True)),
-            }
-        )
-        for index, values in enumerate(result.features.segments):
-            segment_rows.append(
-                {
-                    **key,
-                    "segment": index,
-                    "genre": job.genre,
-                    "length": settings.segment_samples,
-                    **dict(zip(names, values, strict=True)),
-                }
+        clip_key = {"track_id": job.track_id, "genre": job.genre, "length": result.clip_length}
+        for base, names in (
+            (feature_sets.HANDCRAFTED, hand_names),
+            (feature_sets.MUSICNN, list(musicnn.EMBEDDING_NAMES)),
+        ):
+            tables = feature_sets.TABLES[base]
+            rows[tables["clip"]].append(
+                {**clip_key, **dict(zip(names, extracted.clip_row(base), strict=True))}
             )
-    clip_table = pd.DataFrame(clip_rows, columns=["track_id", "genre", "length", *names])
-    segment_table = pd.DataFrame(
-        segment_rows, columns=["track_id", "segment", "genre", "length", *names]
+            for index, values in enumerate(extracted.segment_rows(base)):
+                rows[tables["segment"]].append(
+                    {
+                        "track_id": job.track_id,
+                        "segment": index,
+                        "genre": job.genre,
+                        "length": settings.segment_samples,
+                        **dict(zip(names, values, strict=True)),
+                    }
+                )
+        mean_tags = extracted.musicnn_tags.mean(axis=0)
+        tags.append({**clip_key, **dict(zip(musicnn.MSD_TAGS, mean_tags, strict=True))})
+
+    def frame(name: str, level: str, features: list[str]) -> pd.DataFrame:
+        keys = feature_sets.KEY_COLUMNS[level]
+        return pd.DataFrame(rows[name], columns=[*keys, "genre", "length", *features])
+
+    tables: dict[str, pd.DataFrame] = {}
+    for base, features in (
+        (feature_sets.HANDCRAFTED, hand_names),
+        (feature_sets.MUSICNN, list(musicnn.EMBEDDING_NAMES)),
+    ):
+        for level, name in feature_sets.TABLES[base].items():
+            tables[name] = frame(name, level, features)
+    tables[feature_sets.TAGS_TABLE] = pd.DataFrame(
+        tags, columns=["track_id", "genre", "length", *musicnn.MSD_TAGS]
     )
-    failure_table = pd.DataFrame(failures, columns=["track_id", "path", "reason"])
-    return clip_table, segment_table, failure_table
+    tables[FAILURES_TABLE] = pd.DataFrame(failures, columns=["track_id", "path", "reason"])
+    return tables
 
 
 def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[str, int]:
     """Extract every usable clip of the manifest and write the tables; returns counts."""
-    settings = FeatureSettings.from_params(params)
+    settings = ExtractionSettings.from_params(params, root)
     stage = params["features"]
     manifest_path = resolve_path(stage.get("manifest", "data/manifest.csv"), root)
     output_dir = resolve_path(stage.get("output_dir", "data/features"), root)
@@ -260,15 +317,14 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
             results.append(result)
             progress.update()
 
-    clip_table, segment_table, failure_table = build_tables(results, settings)
+    tables = build_tables(results, settings.features)
     output_dir.mkdir(parents=True, exist_ok=True)
-    clip_table.to_csv(output_dir / CLIP_TABLE, index=False)
-    segment_table.to_csv(output_dir / SEGMENT_TABLE, index=False)
-    failure_table.to_csv(output_dir / FAILURES_TABLE, index=False)
+    for name, table in tables.items():
+        table.to_csv(output_dir / name, index=False)
     counts = {
-        "clips": len(clip_table),
-        "segments": len(segment_table),
-        "failed": len(failure_table),
+        "clips": len(tables[CLIP_TABLE]),
+        "segments": len(tables[SEGMENT_TABLE]),
+        "failed": len(tables[FAILURES_TABLE]),
         "from_cache": sum(result.from_cache for result in results),
         "excluded_by_manifest": skipped_in_manifest,
     }

@@ -207,7 +207,8 @@ def segment_bounds(n_samples: int, settings: FeatureSettings) -> list[tuple[int,
     return bounds
 
 
-def _check_waveform(waveform: np.ndarray, settings: FeatureSettings) -> np.ndarray:
+def check_waveform(waveform: np.ndarray, settings: FeatureSettings) -> np.ndarray:
+    """A mono, finite waveform of at least one segment, as float32; else FeatureError."""
     samples = np.asarray(waveform, dtype=np.float32)
     if samples.ndim != 1:
         raise FeatureError(f"expected a mono waveform, got an array of shape {samples.shape}")
@@ -230,7 +231,7 @@ def extract_clip(
     The pipeline stores both; a served model trained on segments needs only the segments, so it
     passes `include_clip=False` (and gets an empty `clip`).
     """
-    samples = _check_waveform(waveform, settings)
+    samples = check_waveform(waveform, settings)
     n_features = len(feature_names(settings.n_mfcc))
     clip = excerpt_features(samples, settings) if include_clip else np.empty(0)
     segments = [

@@ -23,6 +23,7 @@ stages (deprecated) are never used: only aliases and tags.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gtzan_mlops import feature_sets
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path
 from gtzan_mlops.evaluate import (
@@ -37,6 +39,8 @@ from gtzan_mlops.evaluate import (
     TestData,
     load_family_record,
     load_test_data,
+    record_feature_set,
+    record_model,
     score_classifier,
     split_label,
     stale_reason,
@@ -52,7 +56,15 @@ DIFFERENT_DATA = "champion evaluated on different data"
 # last bits, and 0.85 - 0.80 < 0.05 in floating point. Differences within this are ties.
 SCORE_TOLERANCE = 1e-9
 # What the served model runs besides its classifier: a change here is a new serving model.
-SERVING_MODULES = ("serving.py", "serving_model.py", "features.py", "audio.py", "models.py")
+SERVING_MODULES = (
+    "serving.py",
+    "serving_model.py",
+    "features.py",
+    "feature_sets.py",
+    "musicnn.py",
+    "audio.py",
+    "models.py",
+)
 
 
 @dataclass(frozen=True)
@@ -178,8 +190,8 @@ def rescore_version(model_name: str, version: str, metric: str, data: TestData) 
         served.classifier,
         spec.level,
         list(spec.classes),
-        spec.settings.n_mfcc,
-        data.rows(spec.level),
+        feature_sets.columns(spec.feature_set, spec.settings.n_mfcc),
+        data.rows(spec.level, spec.feature_set),
         family=f"{model_name} version {version}",
     )
     return float(evaluation.metrics[metric])
@@ -192,20 +204,22 @@ def version_tags(
     metric: str,
     git_commit: str | None,
 ) -> dict[str, str]:
-    family = record["family"]
-    level = record["level"]
+    model = record_model(record)
+    level, feature_set = record["level"], record_feature_set(record)
     return {
-        "family": family,
+        "model": model,
+        "family": record["family"],
+        "feature_set": feature_set,
         "flavor": record["flavor"],
         "level": level,
         "split": split_label(data.summary),
         "split_strategy": str(data.summary.get("strategy")),
         "leaky": str(bool(data.summary.get("leaky", False))).lower(),
         "split_sha256": data.split_sha256,
-        "features_sha256": data.features_sha256[level],
+        "features_sha256": data.features_sha256(level, feature_set),
         "git_commit": git_commit or "unknown",
         "metric_name": metric,
-        "metric_value": f"{evaluation['families'][family][metric]:.6f}",
+        "metric_value": f"{evaluation['families'][model][metric]:.6f}",
         "classifier_uri": record["model_uri"],
         "training_run_id": str(record.get("run_id")),
     }
@@ -222,6 +236,8 @@ class PromotionSettings:
     max_upload_mb: float = 50.0
     allow_audio_path: bool = True
     max_audio_seconds: float = 600.0
+    musicnn_weights: Path | None = None  # the checkpoint logged with a model on musicnn features
+    musicnn_batch_size: int = 16
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
@@ -278,25 +294,29 @@ def promote_winner(
     client = MlflowClient()
     name = settings.model_name
     winner, metric = evaluation["winner"], evaluation["selection_metric"]
-    if record["family"] != winner:
-        raise EvaluationError(f"the record is of {record['family']}, the winner is {winner}")
+    if record_model(record) != winner:
+        raise EvaluationError(f"the record is of {record_model(record)}, the winner is {winner}")
+    feature_set = record_feature_set(record)
     challenger_value = float(evaluation["families"][winner][metric])
     summary: dict[str, Any] = {
         "model_name": name,
         "split": split_label(data.summary),
         "leaky": bool(data.summary.get("leaky", False)),
-        "family": winner,
+        "model": winner,
+        "family": record["family"],
+        "feature_set": feature_set,
         "metric": metric,
         "challenger_value": challenger_value,
         "model_uri": f"models:/{name}@{CHAMPION_ALIAS}",
     }
 
     spec = serving.ServingSpec(
-        family=winner,
+        family=record["family"],
         flavor=record["flavor"],
         level=record["level"],
         classes=tuple(record["classes"]),
         feature_settings=feature_settings.to_dict(),
+        feature_set=feature_set,
     )
     fingerprint = serving_fingerprint(spec, record["model_uri"], settings)
     held_by = current_champion(client, name)
@@ -312,7 +332,9 @@ def promote_winner(
         }
 
     champion: ChampionEvidence | None = None
-    current_data = DataVersion(data.split_sha256, data.features_sha256[record["level"]])
+    current_data = DataVersion(
+        data.split_sha256, data.features_sha256(record["level"], feature_set)
+    )
     if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
         # The champion's own classifier, served by other code or settings: nothing to compare.
         decision = Decision(
@@ -324,7 +346,8 @@ def promote_winner(
         if held_by is not None:
             # The champion is compared on the data it would see now: its own level's features.
             level = held_by.tags.get("level", record["level"])
-            current_data = DataVersion(data.split_sha256, data.features_sha256.get(level, ""))
+            held_set = held_by.tags.get("feature_set", feature_sets.HANDCRAFTED)
+            current_data = DataVersion(data.split_sha256, data.features_sha256(level, held_set))
             then = DataVersion(
                 held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
             )
@@ -368,6 +391,8 @@ def promote_winner(
             max_upload_mb=settings.max_upload_mb,
             allow_audio_path=settings.allow_audio_path,
             max_audio_seconds=settings.max_audio_seconds,
+            musicnn_weights=settings.musicnn_weights,
+            musicnn_batch_size=settings.musicnn_batch_size,
         )
         mlflow.log_metric(metric, challenger_value)
     tags["promotion"] = "promoted" if decision.promote else "not promoted"
@@ -413,12 +438,19 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         raise EvaluationError(f"{evaluate_path}: no such file (run the evaluate stage)") from error
     record = load_family_record(records_dir / f"{evaluation['winner']}.json")
     feature_settings = serving_settings(params, record)
+    if feature_sets.uses_musicnn(record_feature_set(record)):
+        extraction = feature_sets.ExtractionSettings.from_params(params, root)
+        settings = dataclasses.replace(
+            settings,
+            musicnn_weights=extraction.musicnn_weights,
+            musicnn_batch_size=extraction.musicnn_batch_size,
+        )
     data = load_test_data(params, root)
     stale = stale_reason(record, data)
     if stale:
         # Its tags would name the current data while its score came from other data.
         raise EvaluationError(
-            f"{record['family']}: {stale} than the current one; rerun train and evaluate"
+            f"{record_model(record)}: {stale} than the current one; rerun train and evaluate"
         )
 
     tracking.use_store(root)
@@ -440,7 +472,7 @@ def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The DVC metrics of the stage: what was decided, for which version, on which split."""
     return {
         "split": summary["split"],
-        "family": summary["family"],
+        "model": summary["model"],
         "version": summary["version"],
         "promoted": summary["promoted"],
         "champion_version": summary["champion_version"],
@@ -451,7 +483,7 @@ def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 def describe(summary: dict[str, Any]) -> str:
     verdict = "promoted to champion" if summary["promoted"] else "registered, not promoted"
     return (
-        f"{summary['model_name']} version {summary['version']} ({summary['family']}): "
+        f"{summary['model_name']} version {summary['version']} ({summary['model']}): "
         f"{verdict}: {summary['reason']}"
     )
 

@@ -27,7 +27,11 @@ Outputs in `report.output_dir` (default reports/reproduction):
   n_seeds;
 - `reproduction.md`: what was run, the table (rows: families; columns: protocols, each naming
   its split and data; cells: test accuracy, mean ± std over the seeds) and the gaps between the
-  protocols, computed from the table.
+  protocols, computed from the table; then the feature-set comparison below;
+- `feature_sets.csv`: what each feature set (handcrafted, musicnn, both) is worth on the
+  pipeline's own clip tables (`report.feature_sets.features_dir`), logistic regression and an
+  RBF SVM on the same repeated stratified k-fold folds (comparison.py); skipped, with its
+  reason, where the musicnn tables are missing.
 Neither file holds a date or a timing: the same inputs and seeds give the same files.
 """
 
@@ -44,8 +48,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gtzan_mlops import models, split
+from gtzan_mlops import comparison, models, split
 from gtzan_mlops.cli import stage_main
+from gtzan_mlops.comparison import ComparisonSettings
 from gtzan_mlops.config import ConfigError, resolve_path
 from gtzan_mlops.evaluate import score_classifier
 from gtzan_mlops.features import feature_names
@@ -53,6 +58,7 @@ from gtzan_mlops.features import feature_names
 log = logging.getLogger(__name__)
 
 CSV_FILE = "reproduction.csv"
+FEATURE_SETS_FILE = "feature_sets.csv"
 MARKDOWN_FILE = "reproduction.md"
 COLUMNS = (
     "family",
@@ -116,6 +122,8 @@ class ReportSettings:
     hyperparameters: dict[str, dict[str, Any]]  # per family: the source study's settings
     classes: list[str]
     n_mfcc: int
+    features_dir: Path = Path("data/features")  # the tables of the feature-set comparison
+    comparison: ComparisonSettings = field(default_factory=ComparisonSettings)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> ReportSettings:
@@ -150,6 +158,7 @@ class ReportSettings:
         if not 0 < test_size < 1:
             raise ConfigError(f"report.test_size must be in (0, 1), got {test_size}")
         published = {str(k): float(v) for k, v in (stage.get("published") or {}).items()}
+        sets = stage.get("feature_sets") or {}
         return cls(
             reference_table=resolve_path(
                 stage.get("reference_table") or f"{features_dir}/features_30_sec.csv", root
@@ -173,6 +182,12 @@ class ReportSettings:
             hyperparameters=hyperparameters,
             classes=[str(genre) for genre in params["genres"]],
             n_mfcc=int(params.get("features", {}).get("n_mfcc", 20)),
+            features_dir=resolve_path(sets.get("features_dir") or features_dir, root),
+            comparison=ComparisonSettings(
+                n_splits=int(sets.get("n_splits", 7)),
+                n_repeats=int(sets.get("n_repeats", 3)),
+                seed=int(sets.get("seed", 0)),
+            ),
         )
 
 
@@ -442,7 +457,7 @@ def score_fold(
         family, settings.hyperparameters[family], train, len(settings.classes), fold.seed
     )
     evaluation = score_classifier(
-        result.model, protocol.level, settings.classes, settings.n_mfcc, fold.test, family
+        result.model, protocol.level, settings.classes, columns, fold.test, family
     )
     if models.flavor_of(family) == "keras":
         import keras
@@ -744,13 +759,51 @@ def run(params: dict[str, Any], root: Path) -> Report:
             "no protocol can run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
         )
     table = run_protocols(protocols, settings)
+    sets_table, sets_lines = feature_set_section(settings, root)
     markdown = render_markdown(table, protocols, skipped, sizes, settings, root)
+    markdown += "\n".join(sets_lines) + ("\n" if sets_lines else "")
     settings.output_dir.mkdir(parents=True, exist_ok=True)
+    if sets_table is not None:
+        sets_table.to_csv(settings.output_dir / FEATURE_SETS_FILE, index=False)
     csv_path = settings.output_dir / CSV_FILE
     markdown_path = settings.output_dir / MARKDOWN_FILE
     table.to_csv(csv_path, index=False)
     markdown_path.write_text(markdown, encoding="utf-8")
     return Report(table, markdown, skipped, csv_path, markdown_path)
+
+
+def feature_set_section(
+    settings: ReportSettings, root: Path
+) -> tuple[pd.DataFrame | None, list[str]]:
+    """The feature-set comparison and its Markdown section; where it cannot run (tables
+    missing, fewer clips of a genre than folds), the section says why and no table is
+    returned."""
+    from gtzan_mlops.feature_sets import FeatureSetError
+
+    heading = ["## Feature sets: hand-crafted, musicnn, both", ""]
+    try:
+        table = comparison.compare_feature_sets(
+            settings.features_dir, settings.n_mfcc, settings.comparison
+        )
+    except (FileNotFoundError, FeatureSetError, comparison.ComparisonError) as error:
+        log.warning("skipping the feature-set comparison: %s", error)
+        return None, [*heading, f"Skipped: {error}", ""]
+    folds = settings.comparison
+    lines = [
+        *heading,
+        f"Clip-level vectors of `{display_path(settings.features_dir, root)}` "
+        f"({int(table['clips'].iloc[0])} clips): the 57 hand-crafted features of the whole clip, "
+        "the mean MSD_musicnn embedding of its 3 s segments, or both side by side. Test "
+        f"accuracy, mean ± std over the {int(table['folds'].iloc[0])} folds of "
+        f"RepeatedStratifiedKFold(n_splits={folds.n_splits}, n_repeats={folds.n_repeats}, "
+        f"random_state={folds.seed}), the same folds for every cell, the scaler fitted inside "
+        f"each fold. Split `{comparison.SPLIT_LABEL}`: whole clips, so no song is on both "
+        "sides, but artists are not kept apart.",
+        "",
+        *comparison.markdown_table(table),
+        "",
+    ]
+    return table, lines
 
 
 def _names(values: list[str]) -> list[str]:

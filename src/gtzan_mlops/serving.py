@@ -4,9 +4,11 @@ What the registry holds under `models:/<promote.model_name>@champion` is this ML
 `mlflow models serve` and `gtzan-mlops predict` both classify audio files, not feature vectors.
 It wraps the winning family's native model (a copy, as the artifact `classifier`) with what turns
 audio into that model's input: the feature settings, the class order and the level (artifact
-`spec`, a JSON file, read-only at serving time). Decoding goes through `audio.load_waveform` and
-features through `features.extract_clip`, the functions the pipeline trained on, so serving cannot
-drift from training.
+`spec`, a JSON file, read-only at serving time) and, for a model on the `musicnn` or `both`
+feature set, the MSD_musicnn checkpoint (artifact `musicnn_weights`), so loading it needs
+neither the musicnn package nor a network. Decoding goes through `audio.decode_mono` and
+features through `feature_sets.extract_sets`, the functions the pipeline trained on, so serving
+cannot drift from training.
 
 Input: a DataFrame, one row per clip, with one of two string columns per row:
   `audio_path`   a path to an audio file on the serving machine (can be switched off, see below)
@@ -42,6 +44,7 @@ import binascii
 import io
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,14 +60,10 @@ from mlflow.types.schema import ColSpec, Schema
 from threadpoolctl import threadpool_limits
 
 import gtzan_mlops
-from gtzan_mlops.audio import AudioError, load_waveform
-from gtzan_mlops.features import (
-    FeatureError,
-    FeatureSettings,
-    extract_clip,
-    feature_names,
-    warm_up,
-)
+from gtzan_mlops import feature_sets
+from gtzan_mlops.audio import AudioError, decode_mono
+from gtzan_mlops.features import FeatureError, FeatureSettings, warm_up
+from gtzan_mlops.musicnn import CHECKPOINT_FILES, MusicnnError
 
 PATH_COLUMN = "audio_path"
 BASE64_COLUMN = "audio_base64"
@@ -72,6 +71,7 @@ INPUT_COLUMNS = (PATH_COLUMN, BASE64_COLUMN)
 GENRE_COLUMN = "genre"
 CLASSIFIER_ARTIFACT = "classifier"
 SPEC_ARTIFACT = "spec"
+MUSICNN_ARTIFACT = "musicnn_weights"
 SERVING_MODEL_NAME = "serving_model"  # the logged model's name inside its run
 
 # Distributions the served model imports besides its flavor's (models.FLAVOR_REQUIREMENTS);
@@ -101,12 +101,14 @@ class ServingSpec:
     level: str  # "segment": classify each segment and average; "clip": the whole clip
     classes: tuple[str, ...]  # the order of the native model's probability columns
     feature_settings: dict[str, Any]  # FeatureSettings.to_dict() of the features it trained on
+    feature_set: str = feature_sets.HANDCRAFTED  # handcrafted | musicnn | both
 
     def __post_init__(self) -> None:
         if self.level not in {"clip", "segment"}:
             raise ValueError(f"level must be 'clip' or 'segment', got {self.level!r}")
         if not self.classes:
             raise ValueError("classes must not be empty")
+        feature_sets.check_feature_set(self.feature_set)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "classes": list(self.classes)}
@@ -119,6 +121,7 @@ class ServingSpec:
             level=str(values["level"]),
             classes=tuple(values["classes"]),
             feature_settings=dict(values["feature_settings"]),
+            feature_set=str(values.get("feature_set", feature_sets.HANDCRAFTED)),
         )
 
     @property
@@ -179,16 +182,36 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
 
 
 def classify_waveform(
-    classifier: Any, spec: ServingSpec, waveform: np.ndarray
+    classifier: Any,
+    spec: ServingSpec,
+    waveform: np.ndarray,
+    file_rate: int | None = None,
+    musicnn_weights: Path | None = None,
+    musicnn_batch_size: int = 16,
 ) -> tuple[np.ndarray, int]:
-    """Probabilities (n_classes,) of one mono waveform at the spec's sample rate, and how many
-    feature rows they come from (segments for a segment-level model, 1 for a clip-level one)."""
+    """Probabilities (n_classes,) of one mono waveform at `file_rate` (default: the spec's
+    sample rate), and how many feature rows they come from (segments for a segment-level model,
+    1 for a clip-level one). A model on musicnn embeddings needs `musicnn_weights`."""
     settings = spec.settings
-    features = extract_clip(waveform, settings, include_clip=spec.level == "clip")
-    rows = features.segments if spec.level == "segment" else features.clip[np.newaxis, :]
+    bases = feature_sets.base_sets(spec.feature_set)
+    if feature_sets.MUSICNN in bases and musicnn_weights is None:
+        raise MusicnnError(f"a model on the {spec.feature_set} feature set needs musicnn weights")
+    extracted = feature_sets.extract_sets(
+        waveform,
+        file_rate or settings.sample_rate,
+        settings,
+        musicnn_weights if feature_sets.MUSICNN in bases else None,
+        include_clip=spec.level == "clip",
+        handcrafted=feature_sets.HANDCRAFTED in bases,
+        batch_size=musicnn_batch_size,
+    )
+    if spec.level == "segment":
+        rows = extracted.segment_rows(spec.feature_set)
+    else:
+        rows = extracted.clip_row(spec.feature_set)[np.newaxis, :]
     if len(rows) == 0:
         raise FeatureError("no complete segment to classify")
-    frame = pd.DataFrame(rows, columns=list(feature_names(settings.n_mfcc)))
+    frame = pd.DataFrame(rows, columns=feature_sets.columns(spec.feature_set, settings.n_mfcc))
     probabilities = np.asarray(classifier.predict_proba(frame), dtype=np.float64)
     if probabilities.shape != (len(rows), len(spec.classes)):
         raise RuntimeError(
@@ -215,6 +238,10 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         self.max_upload_bytes = int(float(config.get("max_upload_mb", 50)) * 2**20)
         self.max_audio_seconds = float(config.get("max_audio_seconds", 600))
         self.allow_audio_path = bool(config.get("allow_audio_path", True))
+        self.musicnn_batch_size = int(config.get("musicnn_batch_size", 16))
+        # The checkpoint logged with the model (the folder holding its ".index" file).
+        weights = context.artifacts.get(MUSICNN_ARTIFACT)
+        self.musicnn_weights = Path(weights) if weights else None
         # Single-threaded BLAS: the features' matrix products are small, and BLAS threads only
         # contend with each other and with concurrent requests (segments of a 30 s clip, this
         # 2-core machine: 546 ms with one BLAS thread, 625 ms with the default two).
@@ -222,10 +249,15 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         # librosa's JIT code compiled (or read from numba's cache) now, one server worker at a
         # time, rather than in the first request and in several workers at once.
         warm_up(self.spec.settings)
+        if feature_sets.uses_musicnn(self.spec.feature_set):
+            from gtzan_mlops import musicnn
 
-    def _waveform(self, row: dict[str, Any], index: int) -> tuple[str, np.ndarray]:
-        """The name used in messages and the decoded waveform of one input row."""
-        sample_rate = self.spec.settings.sample_rate
+            if self.musicnn_weights is None:
+                raise MusicnnError("the model has no musicnn_weights artifact")
+            musicnn.embedder(self.musicnn_weights, self.musicnn_batch_size)  # built once, here
+
+    def _waveform(self, row: dict[str, Any], index: int) -> tuple[str, np.ndarray, int]:
+        """The name used in messages, the decoded mono waveform of one input row and its rate."""
         path, encoded = row.get(PATH_COLUMN), row.get(BASE64_COLUMN)
         has_path, has_bytes = _present(path), _present(encoded)
         if has_path == has_bytes:
@@ -246,15 +278,13 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
                     f"row {index}: {name}: file of {file.stat().st_size / 2**20:.1f} MB exceeds "
                     f"the limit of {self.max_upload_bytes / 2**20:g} MB"
                 )
-            return name, load_waveform(
-                file, sample_rate, name=name, max_seconds=self.max_audio_seconds
-            )
+            return name, *decode_mono(file, name=name, max_seconds=self.max_audio_seconds)
         name = f"{BASE64_COLUMN}[{index}]"
         try:
             data = decode_base64_audio(encoded, self.max_upload_bytes)
         except ValueError as error:
             raise ValueError(f"row {index}: {name}: {error}") from error
-        return name, load_waveform(data, sample_rate, name=name, max_seconds=self.max_audio_seconds)
+        return name, *decode_mono(data, name=name, max_seconds=self.max_audio_seconds)
 
     def predict(
         self,
@@ -279,32 +309,41 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
 
         # Every row is decoded and checked before any is classified, so one request reports all
         # of its bad rows at once, and cheaply.
-        waveforms: list[np.ndarray] = []
+        waveforms: list[tuple[np.ndarray, int]] = []
         problems: list[str] = []
-        minimum = self.spec.settings.segment_samples
+        segment_seconds = self.spec.settings.segment_seconds
         rows = model_input.reindex(columns=list(INPUT_COLUMNS)).to_dict("records")
         for index, row in enumerate(rows):
             try:
-                name, waveform = self._waveform(row, index)
+                name, waveform, file_rate = self._waveform(row, index)
             except (AudioError, ValueError, OSError) as error:
                 message = str(error)
                 problems.append(message if message.startswith("row ") else f"row {index}: {error}")
                 continue
-            if len(waveform) < minimum:
-                seconds = len(waveform) / self.spec.settings.sample_rate
+            seconds = len(waveform) / file_rate
+            if seconds < segment_seconds:
                 problems.append(
                     f"row {index}: {name}: {seconds:.2f} s of audio is shorter than one "
-                    f"{self.spec.settings.segment_seconds:g} s segment"
+                    f"{segment_seconds:g} s segment"
                 )
                 continue
-            waveforms.append(waveform)
+            waveforms.append((waveform, file_rate))
         if problems:
             raise invalid_input("; ".join(problems))
 
         probabilities = []
-        for index, waveform in enumerate(waveforms):
+        for index, (waveform, file_rate) in enumerate(waveforms):
             try:
-                probabilities.append(classify_waveform(self.classifier, self.spec, waveform)[0])
+                probabilities.append(
+                    classify_waveform(
+                        self.classifier,
+                        self.spec,
+                        waveform,
+                        file_rate,
+                        self.musicnn_weights,
+                        self.musicnn_batch_size,
+                    )[0]
+                )
             except FeatureError as error:
                 raise invalid_input(f"row {index}: {error}") from error
         table = np.vstack(probabilities)
@@ -330,11 +369,25 @@ def synthetic_example_clip(settings: FeatureSettings, seconds: float | None = No
     return buffer.getvalue()
 
 
-def pip_requirements(flavor: str) -> list[str]:
-    """The installed versions of what the served model imports."""
+def pip_requirements(flavor: str, feature_set: str = feature_sets.HANDCRAFTED) -> list[str]:
+    """The installed versions of what the served model imports (TensorFlow and Keras run the
+    musicnn embedding, whatever the classifier's flavor)."""
     from gtzan_mlops.models import FLAVOR_REQUIREMENTS, installed_requirements
 
-    return installed_requirements((*_BASE_REQUIREMENTS, *FLAVOR_REQUIREMENTS.get(flavor, ())))
+    names = [*_BASE_REQUIREMENTS, *FLAVOR_REQUIREMENTS.get(flavor, ())]
+    if feature_sets.uses_musicnn(feature_set):
+        names += [name for name in FLAVOR_REQUIREMENTS["keras"] if name not in names]
+    return installed_requirements(tuple(names))
+
+
+def _weights_artifact(weights: Path, scratch: Path) -> Path:
+    """A folder holding only the checkpoint files the model reads, and their licence notice."""
+    folder = scratch / MUSICNN_ARTIFACT
+    folder.mkdir()
+    for name in CHECKPOINT_FILES:
+        shutil.copyfile(weights / name, folder / name)
+    shutil.copyfile(Path(__file__).with_name("MUSICNN_NOTICE"), folder / "NOTICE")
+    return folder
 
 
 def package_dir() -> Path:
@@ -351,15 +404,24 @@ def log_serving_model(
     max_audio_seconds: float = 600.0,
     name: str = SERVING_MODEL_NAME,
     input_example: bool = True,
+    musicnn_weights: Path | None = None,
+    musicnn_batch_size: int = 16,
 ) -> mlflow.models.model.ModelInfo:
     """Log the serving pyfunc into the active run; returns its ModelInfo (`.model_uri`).
 
     `classifier_uri` is the native model (e.g. `models:/m-...` or `runs:/<id>/model`); MLflow
-    copies it into the pyfunc's artifacts, so the served model does not depend on the run.
+    copies it into the pyfunc's artifacts, so the served model does not depend on the run. A
+    model on musicnn embeddings needs `musicnn_weights` (the checkpoint folder): its files and
+    licence notice are logged with the model.
     """
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(scratch) / "serving_spec.json"
         spec_path.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+        artifacts = {CLASSIFIER_ARTIFACT: classifier_uri, SPEC_ARTIFACT: str(spec_path)}
+        if feature_sets.uses_musicnn(spec.feature_set):
+            if musicnn_weights is None:
+                raise MusicnnError(f"a model on {spec.feature_set} features needs musicnn weights")
+            artifacts[MUSICNN_ARTIFACT] = str(_weights_artifact(musicnn_weights, Path(scratch)))
         example = None
         if input_example:
             clip = synthetic_example_clip(spec.settings)
@@ -367,15 +429,16 @@ def log_serving_model(
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("serving_model.py")),
-            artifacts={CLASSIFIER_ARTIFACT: classifier_uri, SPEC_ARTIFACT: str(spec_path)},
+            artifacts=artifacts,
             model_config={
                 "max_upload_mb": float(max_upload_mb),
                 "allow_audio_path": bool(allow_audio_path),
                 "max_audio_seconds": float(max_audio_seconds),
+                "musicnn_batch_size": int(musicnn_batch_size),
             },
             signature=input_signature(spec.classes),
             input_example=example,
             code_paths=[str(package_dir())],
-            pip_requirements=pip_requirements(spec.flavor),
+            pip_requirements=pip_requirements(spec.flavor, spec.feature_set),
             metadata={"gtzan": spec.to_dict()},
         )

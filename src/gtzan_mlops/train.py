@@ -1,7 +1,10 @@
 """The `train` stage of one model family: an Optuna study, every trial a nested MLflow run.
 
-    gtzan-mlops train --family xgboost [--n-trials N] [--workers N]
+    gtzan-mlops train --family xgboost [--features both] [--n-trials N] [--workers N]
     gtzan-mlops train --family xgboost --join        # one more worker for a running stage
+
+A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its name
+`<family>-<feature set>` names its stage, its record, its reports and its MLflow runs.
 
 1. The active split (`data/split`) says which rows train, validate and test, and the level the
    models work at (whole clips, or 3 s segments voted per song).
@@ -46,19 +49,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gtzan_mlops import models, tracking
+from gtzan_mlops import feature_sets, models, tracking
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, stage_arguments
 from gtzan_mlops.evaluate import (
     METRICS,
     EvaluationError,
     FamilyEvaluation,
-    feature_table_paths,
+    feature_dir,
     score_classifier,
     split_dir,
     split_label,
 )
-from gtzan_mlops.features import FeatureSettings, feature_names
+from gtzan_mlops.features import FeatureSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ class TrainingData:
     level: str
     subsets: dict[str, pd.DataFrame]  # train / valid / test
     classes: list[str]
-    n_mfcc: int
+    feature_set: str
+    columns: list[str]  # the model's input columns, in order
     summary: dict[str, Any]  # the split's summary.json
     features_sha256: str
     split_sha256: str
@@ -87,7 +91,7 @@ class TrainingData:
     def xy(self, subset: str) -> tuple[pd.DataFrame, np.ndarray]:
         rows = self.subsets[subset]
         index = {genre: number for number, genre in enumerate(self.classes)}
-        return rows[list(feature_names(self.n_mfcc))], rows["genre"].map(index).to_numpy()
+        return rows[self.columns], rows["genre"].map(index).to_numpy()
 
     def train_and_valid(self) -> tuple[pd.DataFrame, np.ndarray]:
         train_x, train_y = self.xy("train")
@@ -95,16 +99,17 @@ class TrainingData:
         return pd.concat([train_x, valid_x], ignore_index=True), np.concatenate([train_y, valid_y])
 
 
-def load_training_data(params: dict[str, Any], root: Path) -> TrainingData:
+def load_training_data(
+    params: dict[str, Any], root: Path, feature_set: str = feature_sets.HANDCRAFTED
+) -> TrainingData:
     from gtzan_mlops import split
 
     folder = split_dir(params, root)
     assignments, summary = split.load_split(folder)
     level = summary["level"]
-    path = feature_table_paths(params, root)[level]
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such file (run the features stage)")
-    table = split.attach_subsets(pd.read_csv(path, dtype={"track_id": str}), assignments)
+    features = feature_dir(params, root)
+    path = features / feature_sets.TABLES[feature_sets.HANDCRAFTED][level]
+    table = split.attach_subsets(feature_sets.read_table(features, feature_set, level), assignments)
     classes = list(params["genres"])
     unknown = sorted(set(table["genre"]) - set(classes))
     if unknown:
@@ -119,9 +124,10 @@ def load_training_data(params: dict[str, Any], root: Path) -> TrainingData:
         level=level,
         subsets=subsets,
         classes=classes,
-        n_mfcc=int(params["features"]["n_mfcc"]),
+        feature_set=feature_set,
+        columns=feature_sets.columns(feature_set, int(params["features"]["n_mfcc"])),
         summary=summary,
-        features_sha256=tracking.file_digest(path),
+        features_sha256=feature_sets.tables_digest(features, feature_set, level),
         split_sha256=tracking.file_digest(folder / split.SPLIT_FILE),
         feature_settings=FeatureSettings.from_params(params).to_dict(),
     )
@@ -185,7 +191,9 @@ class FamilySettings:
 
 def code_fingerprint() -> str:
     """sha256 of the modules that decide a trial's outcome."""
-    return tracking.source_digest("train.py", "models.py", "evaluate.py", "split.py", "features.py")
+    return tracking.source_digest(
+        "train.py", "models.py", "evaluate.py", "split.py", "features.py", "feature_sets.py"
+    )
 
 
 def study_name(settings: FamilySettings, data: TrainingData) -> str:
@@ -193,6 +201,7 @@ def study_name(settings: FamilySettings, data: TrainingData) -> str:
     refit. `n_trials` and `workers` are left out, so raising them continues the study."""
     decisive = {
         "family": settings.family,
+        "feature_set": data.feature_set,
         "space": settings.space,
         "defaults": settings.defaults,
         "seed": settings.seed,
@@ -205,7 +214,8 @@ def study_name(settings: FamilySettings, data: TrainingData) -> str:
         "code": code_fingerprint(),
     }
     payload = json.dumps(decisive, sort_keys=True, default=str).encode()
-    return f"{settings.family}-{data.label}-{hashlib.sha256(payload).hexdigest()[:12]}"
+    key = feature_sets.model_key(settings.family, data.feature_set)
+    return f"{key}-{data.label}-{hashlib.sha256(payload).hexdigest()[:12]}"
 
 
 def open_study(
@@ -275,7 +285,7 @@ def evaluate_subset(
     result: models.FitResult, data: TrainingData, subset: str, family: str
 ) -> FamilyEvaluation:
     return score_classifier(
-        result.model, data.level, data.classes, data.n_mfcc, data.subsets[subset], family, subset
+        result.model, data.level, data.classes, data.columns, data.subsets[subset], family, subset
     )
 
 
@@ -303,7 +313,7 @@ def make_objective(settings: FamilySettings, data: TrainingData, parent_run_id: 
         }
         pruned: optuna.TrialPruned | None = None
         with mlflow.start_run(
-            run_name=f"{settings.family}-trial-{trial.number:03d}",
+            run_name=f"{settings.family}-{data.feature_set}-trial-{trial.number:03d}",
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
             tags=run_tags,
@@ -384,7 +394,7 @@ def parent_run(study: Any, settings: FamilySettings, data: TrainingData, tags: d
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    run_name = f"train-{settings.family} [{data.label}]"
+    run_name = f"train-{settings.family} [{data.feature_set} features, {data.label} split]"
     run_tags = {**tags, "gtzan.stage": "train", "optuna.study": study.study_name}
     chosen = tracking.launched_run_id()
     if chosen:
@@ -461,12 +471,13 @@ class OutputPaths:
         return self.reports / "metrics.json"
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], root: Path, family: str) -> OutputPaths:
+    def from_params(cls, params: dict[str, Any], root: Path, model: str) -> OutputPaths:
+        """Paths of `model` (`<family>-<feature set>`)."""
         stage = params.get("train", {})
         records = params.get("evaluate", {}).get("records_dir", "data/train")
         return cls(
-            record=resolve_path(records, root) / f"{family}.json",
-            reports=resolve_path(stage.get("reports_dir", "reports/train"), root) / family,
+            record=resolve_path(records, root) / f"{model}.json",
+            reports=resolve_path(stage.get("reports_dir", "reports/train"), root) / model,
         )
 
 
@@ -486,7 +497,7 @@ def write_reports(
     plots.history_png(
         history,
         folder / "optuna_history.png",
-        f"Optuna: {settings.family} [{data.label} split]",
+        f"Optuna: {settings.family} [{data.feature_set} features, {data.label} split]",
         settings.objective_key,
     )
     per_class_table(test, data.classes).to_csv(folder / "per_class_test.csv", index=False)
@@ -495,7 +506,7 @@ def write_reports(
         test.song_predicted,
         data.classes,
         folder / "confusion_test.png",
-        f"{settings.family}: test songs, {data.label} split",
+        f"{settings.family} on {data.feature_set}: test songs, {data.label} split",
     )
 
 
@@ -539,6 +550,7 @@ def refit_and_log(
         mlflow.log_params(
             {
                 "family": settings.family,
+                "feature_set": data.feature_set,
                 "level": data.level,
                 "split": data.label,
                 "objective": settings.objective_key,
@@ -565,7 +577,9 @@ def refit_and_log(
         mlflow.log_artifacts(str(reports))
 
     return {
+        "model": feature_sets.model_key(settings.family, data.feature_set),
         "family": settings.family,
+        "feature_set": data.feature_set,
         "flavor": flavor,
         "run_id": parent_run_id,
         "model_uri": info.model_uri,
@@ -597,6 +611,8 @@ def write_outputs(record: dict[str, Any], paths: OutputPaths) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     paths.record.write_text(json.dumps(record, indent=2) + "\n")
     metrics = {
+        "model": record["model"],
+        "feature_set": record["feature_set"],
         "split": record["split"]["label"],
         "leaky": record["split"]["leaky"],
         "level": record["level"],
@@ -608,7 +624,13 @@ def write_outputs(record: dict[str, Any], paths: OutputPaths) -> None:
 
 
 def start_workers(
-    count: int, family: str, name: str, n_trials: int, root: Path, stage_arguments: list[str]
+    count: int,
+    family: str,
+    name: str,
+    n_trials: int,
+    root: Path,
+    stage_arguments: list[str],
+    feature_set: str = feature_sets.HANDCRAFTED,
 ) -> list[subprocess.Popen]:
     """`count` processes joining study `name` (each `gtzan-mlops train --join`), reading the
     same params (`stage_arguments`: --params and --set of this command)."""
@@ -621,6 +643,8 @@ def start_workers(
             "train",
             "--family",
             family,
+            "--features",
+            feature_set,
             "--join",
             "--study-name",
             name,
@@ -638,6 +662,7 @@ def run(
     params: dict[str, Any],
     root: Path,
     family: str,
+    feature_set: str = feature_sets.HANDCRAFTED,
     n_trials: int | None = None,
     workers: int | None = None,
     join: bool = False,
@@ -655,12 +680,14 @@ def run(
         settings = dataclasses.replace(settings, n_trials=int(n_trials))
     if workers:
         settings = dataclasses.replace(settings, workers=int(workers))
-    data = load_training_data(params, root)
+    data = load_training_data(params, root, feature_set)
     tracking.use_store(root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tags = {
         **tracking.run_tags(root),
         "family": family,
+        "feature_set": feature_set,
+        "model": feature_sets.model_key(family, feature_set),
         "split": data.label,
         "leaky": str(bool(data.summary.get("leaky", False))).lower(),
         "level": data.level,
@@ -694,7 +721,7 @@ def run(
     if settings.workers > 1:
         arguments = stage_arguments or ["--params", str(root / "params.yaml")]
         processes = start_workers(
-            settings.workers, family, name, settings.n_trials, root, arguments
+            settings.workers, family, name, settings.n_trials, root, arguments, feature_set
         )
         failed = [process.args for process in processes if process.wait() != 0]
         if failed:
@@ -703,7 +730,7 @@ def run(
         optimise(study, settings, data, parent, tags)
     if not any(trial.state.name == "COMPLETE" for trial in study.get_trials(deepcopy=False)):
         raise EvaluationError(f"{family}: no trial of study {name} completed")
-    paths = OutputPaths.from_params(params, root, family)
+    paths = OutputPaths.from_params(params, root, feature_sets.model_key(family, feature_set))
     record = refit_and_log(study, settings, data, parent, paths.reports)
     write_outputs(record, paths)
     return record
@@ -711,6 +738,12 @@ def run(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", required=True, choices=models.FAMILIES)
+    parser.add_argument(
+        "--features",
+        default=feature_sets.HANDCRAFTED,
+        choices=feature_sets.FEATURE_SETS,
+        help="the feature set to train on (default: handcrafted)",
+    )
     parser.add_argument(
         "--n-trials", type=float, default=0, help="trials in the study (0: params' n_trials)"
     )
@@ -729,7 +762,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def describe(record: dict[str, Any]) -> str:
     metrics = record["test_metrics"]
     return (
-        f"{record['family']} on the {record['split']['label']} split ({record['level']} level): "
+        f"{record['family']} on {record['feature_set']} features, {record['split']['label']} "
+        f"split ({record['level']} level): "
         f"test accuracy {metrics['test_accuracy']:.4f}, "
         f"song accuracy {metrics['test_song_accuracy']:.4f}, model {record['model_uri']}"
     )
@@ -743,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
             params,
             root,
             args.family,
+            feature_set=args.features,
             n_trials=int(args.n_trials),
             workers=args.workers,
             join=args.join,
