@@ -90,6 +90,10 @@ def test_scores_every_family_and_only_a_candidate_wins(setup, tmp_path):
     assert list(confusion.columns) == ["actual", "predicted"]
     assert len(confusion) == songs
     assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(0.8)
+    table = pd.read_csv(tmp_path / "models.csv").set_index("model")
+    assert set(table.index) == {"fnn", "xgboost", "svm"}
+    assert (table["feature_set"] == "handcrafted").all()
+    assert table.loc["fnn", "test_song_accuracy"] == pytest.approx(0.8)
     per_class = pd.read_csv(tmp_path / "per_class_f1.csv")
     assert list(per_class["genre"]) == GENRES
     assert per_class.set_index("genre").loc["rock", "f1"] == pytest.approx(1.0)

@@ -40,6 +40,7 @@ LEVELS = ("clip", "segment")
 METRICS = ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1")
 TEST_SUBSET = "test"
 EVALUATION_FILE = "evaluation.json"  # in evaluate.reports_dir: every family's test metrics
+MODELS_FILE = "models.csv"  # beside it: one row per model, family x feature set
 RECORD_KEYS = ("family", "flavor", "model_uri", "level", "classes", "feature_settings")
 
 
@@ -318,6 +319,18 @@ def write_plots(
     )
 
 
+def models_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per evaluated model: family, feature set, split, level and test scores, the
+    per-song ones (segment probabilities averaged per song) first."""
+    columns = ["family", "feature_set", "split", "level", "candidate"]
+    scores = ["test_song_accuracy", "test_song_macro_f1", "test_accuracy", "test_songs"]
+    rows = [
+        {"model": name, **{key: entry[key] for key in columns + scores}}
+        for name, entry in results.items()
+    ]
+    return pd.DataFrame(rows, columns=["model", *columns, *scores])
+
+
 def evaluate_records(
     records: dict[str, dict[str, Any] | None],
     data: TestData,
@@ -357,6 +370,7 @@ def evaluate_records(
 
     winner = choose_winner(results, candidates, metric)
     write_plots(details[winner], output_dir, classes, label)
+    models_table(results).to_csv(output_dir / MODELS_FILE, index=False)
     summary = {
         "split": label,
         "split_strategy": data.summary.get("strategy"),
@@ -459,7 +473,13 @@ def log_evaluation(summary: dict[str, Any], output_dir: Path, experiment: str, r
         },
         artifacts=[
             output_dir / name
-            for name in (EVALUATION_FILE, "confusion.png", "per_class_f1.png", "confusion.csv")
+            for name in (
+                EVALUATION_FILE,
+                MODELS_FILE,
+                "confusion.png",
+                "per_class_f1.png",
+                "confusion.csv",
+            )
         ],
         tags={
             "split": summary["split"],

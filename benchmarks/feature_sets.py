@@ -12,8 +12,8 @@ On the real clips (default: the 70 in ../shared/data/gtzan_mini), in one run:
 Targets (issue 10): embedding <= 0.4 s per clip, worker peak < 2 GiB, both >= hand-crafted +
 0.08 mean accuracy; the script prints each figure and whether it meets its target.
 
-    python benchmarks/musicnn.py
-    python benchmarks/musicnn.py --clips-dir DIR --limit 20 --workers 2
+    python benchmarks/feature_sets.py
+    python benchmarks/feature_sets.py --clips-dir DIR --limit 20 --workers 2
 """
 
 from __future__ import annotations
