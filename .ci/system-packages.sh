@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System packages the integration tests need: Chromium (+ its WebDriver) for the MLflow UI test,
-# PostgreSQL for the scale-out test. Idempotent: installs only what is missing, and refreshes
-# the apt index only when something must be installed. Runs as root (CI) or through sudo.
+# PostgreSQL for the scale-out test, nginx for the serving proxy's test, Chromaprint's fpcalc for
+# the duplicate fingerprints. Idempotent: installs only what is missing, and refreshes the apt
+# index only when something must be installed. Runs as root (CI) or through sudo.
 set -euo pipefail
 
 # fonts-dejavu-core: headless Chromium renders text (and readable screenshots) only with a font.
-packages=(chromium chromium-driver postgresql fonts-dejavu-core)
+packages=(chromium chromium-driver postgresql fonts-dejavu-core libchromaprint-tools nginx-light)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -9,7 +9,12 @@ clips, spread over the genres) and measures, on the client side, how long each r
   3. one bad request (bytes that are not audio), which must get a 4xx with a message, then a good
      request, which must get the same answer as before (the server is not affected);
   4. the same N requests from `--concurrency` client threads at once (default 2);
-  5. with `--by-path`, runs 2 and 4 again with the file's path instead of its bytes.
+  5. with `--by-path`, runs 2 and 4 again with the file's path instead of its bytes (served
+     with audio_path switched on for the clips' folder);
+  6. with `--load N`, a hostile load: N good requests from `--load-clients` threads (default 4),
+     a bad request (not audio, silent, too short, too many rows, path probes, malformed JSON)
+     after every fourth, and three decompression bombs at once: every good request must be
+     answered, every bad one 4xx, and the server's RSS must grow by less than 300 MiB.
 
 Clips travel base64-encoded in the JSON body (`audio_base64`, the realistic remote case); the
 bodies are encoded before the timing starts. Every response is checked: HTTP 200, one prediction
@@ -30,6 +35,7 @@ project's logistic-regression pipeline fitted on the reference table
     python benchmarks/serve.py                          # the project's champion
     python benchmarks/serve.py --build-demo-champion    # no champion yet: a demo one
     python benchmarks/serve.py --model models:/NAME/3 --requests 50 --concurrency 2 --by-path
+    python benchmarks/serve.py --build-demo-champion --load 200
     python benchmarks/serve.py --clips-dir DIR --workers 2 --warmup 5
 """
 
@@ -61,6 +67,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_CLIPS = SHARED_DATA / "gtzan_mini"
 DEFAULT_REFERENCE = SHARED_DATA / "gtzan_reference" / "features_30_sec.csv"
 TARGET_MS = 1000.0  # the issue's target: under a second per 30 s clip
+LOAD_RSS_GROWTH_MIB = 300  # --load: the server's RSS may grow by less than this over the run
 NOT_AUDIO = b"these are not audio samples, just text sent as if it were a WAV file\n" * 64
 DEMO_EXPERIMENT = "gtzan-serve-benchmark-demo"
 
@@ -116,7 +123,7 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
     from gtzan_mlops.models import build_classic, log_classifier
     from gtzan_mlops.predict import default_model_uri
     from gtzan_mlops.promote import CHAMPION_ALIAS
-    from gtzan_mlops.serving import ServingSpec, log_serving_model
+    from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
 
     if not reference.is_file():
         raise BenchmarkError(f"{reference}: reference feature table not found (--reference)")
@@ -143,16 +150,10 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
         classes=tuple(genres),
         feature_settings=FeatureSettings().to_dict(),  # the reference table's settings
     )
-    serving = params.get("serving", {})
     with mlflow.start_run(run_name="demo-native-logistic_regression"):
         classifier_uri = log_classifier(classifier, "sklearn", features.head(5)).model_uri
     with mlflow.start_run(run_name="demo-serving-logistic_regression", tags={"demo": "true"}):
-        info = log_serving_model(
-            spec,
-            classifier_uri,
-            max_upload_mb=float(serving.get("max_upload_mb", 50)),
-            allow_audio_path=True,
-        )
+        info = log_serving_model(spec, classifier_uri, ServingLimits.from_params(params))
     name = default_model_uri(params).removeprefix("models:/").split("@", 1)[0] + "-demo"
     version = mlflow.register_model(info.model_uri, name, tags={"demo": "true"})
     mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
@@ -178,8 +179,9 @@ def describe_model(champion: Champion) -> dict[str, Any]:
         "family": spec.get("family", "?"),
         "level": spec.get("level", "?"),
         "classes": list(spec.get("classes", [])),
-        "max_upload_mb": config.get("max_upload_mb"),
+        "max_upload_mib": config.get("max_upload_mib"),
         "allow_audio_path": config.get("allow_audio_path"),
+        "max_rows": config.get("max_rows"),
     }
 
 
@@ -236,7 +238,7 @@ def check_answer(response: requests.Response, classes: list[str], what: str) -> 
     if not isinstance(predictions, list) or len(predictions) != 1:
         raise BenchmarkError(f"{what}: expected one prediction, got {response.text[:500]}")
     prediction = predictions[0]
-    expected = ["genre", *(f"prob_{genre}" for genre in classes)]
+    expected = ["genre", *(f"prob_{genre}" for genre in classes), "warning"]
     if list(prediction) != expected:
         raise BenchmarkError(f"{what}: columns {list(prediction)}, expected {expected}")
     probabilities = np.array([prediction[f"prob_{genre}"] for genre in classes], dtype=float)
@@ -435,7 +437,14 @@ def memory_of(pid: int) -> dict[str, Any] | None:
 class Server:
     """`mlflow models serve` in its own process group; `stop()` ends the whole group."""
 
-    def __init__(self, champion: Champion, workers: int, log_path: Path, cwd: Path) -> None:
+    def __init__(
+        self,
+        champion: Champion,
+        workers: int,
+        log_path: Path,
+        cwd: Path,
+        model_config: dict[str, Any] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -448,6 +457,8 @@ class Server:
             # `mlflow models serve` starts `uvicorn` by name: this environment's scripts first.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        if model_config:  # overrides of the logged model config, as at any serve time
+            environment["SERVING_MODEL_CONFIG"] = json.dumps(model_config)
         self.command = [
             sys.executable,
             "-m",
@@ -518,6 +529,181 @@ class Server:
         self.log.close()
 
 
+# --- the hostile load (--load) ----------------------------------------------------------------
+
+
+def bad_bodies() -> dict[str, bytes]:
+    """One request body per kind of bad request; each must be answered 4xx with a message."""
+    import io
+
+    import soundfile
+
+    def wav(samples: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples, 22050, format="WAV")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def rows(*values: str, column: str = "audio_base64") -> bytes:
+        return json.dumps({"dataframe_records": [{column: value} for value in values]}).encode()
+
+    tone = np.sin(np.linspace(0, 3000, 22050)).astype(np.float32)
+    return {
+        "not audio": rows(base64.b64encode(NOT_AUDIO).decode("ascii")),
+        "silent 30 s": rows(wav(np.zeros(22050 * 30, dtype=np.float32))),
+        "1 s": rows(wav(tone)),
+        "9 rows": rows(*[wav(tone)] * 9),
+        "probe ~user": rows("~nosuchuser/x.wav", column="audio_path"),
+        "probe /etc/shadow": rows("/etc/shadow", column="audio_path"),
+        "malformed JSON": b'{"dataframe_split": {"columns": ',
+    }
+
+
+def bomb_bodies() -> dict[str, bytes]:
+    """Three decompression bombs (tests/audio_bombs.py): small uploads, gigabytes decoded."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from audio_bombs import flac_of_zeros, ogg_of_zeros
+
+    bombs = {
+        "FLAC 655 kHz x 8 ch, 60 s": flac_of_zeros(655350, 8, 60),
+        "FLAC 192 kHz x 8 ch, claims 590 s": flac_of_zeros(192000, 8, 2, claim_seconds=590),
+        "Ogg 255 ch": ogg_of_zeros(255),
+    }
+    return {
+        name: json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": ["audio_base64"],
+                    "data": [[base64.b64encode(data).decode()]],
+                }
+            }
+        ).encode()
+        for name, data in bombs.items()
+    }
+
+
+class RssSampler:
+    """The summed RSS of the server's process tree, sampled every 50 ms in a thread."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.peak_mib, self.stopped = server, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def rss_mib(self) -> float:
+        return sum(entry.get("VmRSS", 0.0) for entry in self.server.memory())
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(0.05):
+            self.peak_mib = max(self.peak_mib, self.rss_mib())
+
+    def __enter__(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def hostile_load(server: Server, client: Client, good_count: int, clients: int) -> None:
+    """`good_count` good requests from `clients` threads, a bad request after every fourth good
+    one, and three decompression bombs sent at once a fifth of the way in. Prints p50/p95 of
+    the good requests, what the bad ones got, and the server's RSS growth over the run."""
+    bad, bombs = bad_bodies(), bomb_bodies()
+    bad_kinds = list(bad)
+    client.prepare(good_count, by_path=False)
+    numbers: queue.Queue[int] = queue.Queue()
+    for number in range(good_count):
+        numbers.put(number)
+    latencies: list[float] = []
+    good_errors: list[str] = []
+    answered: list[tuple[str, int, str]] = []  # (kind, status, message)
+    lock = threading.Lock()
+    bombs_sent = threading.Event()
+
+    def bad_request(session: requests.Session, kind: str, body: bytes) -> None:
+        response = post(session, client.url, body, client.timeout)
+        try:
+            message = str(response.json().get("message", ""))
+        except ValueError:
+            message = response.text
+        message = message.split("Error: ", 1)[-1]  # without MLflow's echo of the input
+        with lock:
+            answered.append((kind, response.status_code, " ".join(message.split())[:120]))
+
+    def send_bombs() -> None:
+        threads = [
+            threading.Thread(
+                target=lambda n=name, b=body: bad_request(requests.Session(), f"bomb: {n}", b)
+            )
+            for name, body in bombs.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def work(worker: int) -> None:
+        done = 0
+        with requests.Session() as session:
+            while True:
+                try:
+                    number = numbers.get_nowait()
+                except queue.Empty:
+                    return
+                if worker == 0 and number >= good_count // 5 and not bombs_sent.is_set():
+                    bombs_sent.set()
+                    threading.Thread(target=send_bombs).start()
+                try:
+                    latency = client.one(session, number, by_path=False)
+                    with lock:
+                        latencies.append(latency)
+                except BaseException as error:  # counted, the load goes on
+                    with lock:
+                        good_errors.append(str(error)[:200])
+                done += 1
+                if done % 4 == 0:
+                    kind = bad_kinds[(number // 4) % len(bad_kinds)]
+                    bad_request(session, kind, bad[kind])
+
+    sampler = RssSampler(server)
+    before = sampler.rss_mib()
+    started = time.perf_counter()
+    with sampler:
+        threads = [threading.Thread(target=work, args=(index,)) for index in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        while len([kind for kind, _, _ in answered if kind.startswith("bomb")]) < len(bombs):
+            time.sleep(0.1)
+    seconds = time.perf_counter() - started
+    values = np.array(latencies)
+    print(f"\nhostile load: {clients} clients, {seconds:.1f} s")
+    print(
+        f"  good requests: {len(latencies)} answered HTTP 200 (same answers as before), "
+        f"{len(good_errors)} errors; p50 {np.percentile(values, 50):.0f} ms, "
+        f"p95 {np.percentile(values, 95):.0f} ms"
+    )
+    for error in good_errors[:5]:
+        print(f"    error: {error}")
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    for kind, status, message in answered:
+        by_kind.setdefault(kind, []).append((status, message))
+    not_4xx = 0
+    for kind, results in by_kind.items():
+        statuses = sorted({status for status, _ in results})
+        not_4xx += sum(not 400 <= status < 500 for status, _ in results)
+        print(f"  {kind:<36} x{len(results):<3} HTTP {statuses}: {results[0][1]!r}")
+    growth = sampler.peak_mib - before
+    print(
+        f"  bad requests: {len(answered)}, {not_4xx} not answered 4xx; server RSS "
+        f"{before:.0f} MiB before, peak {sampler.peak_mib:.0f} MiB: growth {growth:.0f} MiB "
+        f"({'under' if growth < LOAD_RSS_GROWTH_MIB else 'NOT under'} {LOAD_RSS_GROWTH_MIB} MiB)"
+    )
+    verdict = not good_errors and not not_4xx and growth < LOAD_RSS_GROWTH_MIB
+    print(f"  hostile load: {'passed' if verdict else 'FAILED'}")
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -570,11 +756,11 @@ def benchmark(args: argparse.Namespace, champion: Champion, scratch: Path) -> No
 
     print(f"model:   {champion.uri}" + (f" ({champion.note})" if champion.note else ""))
     print(f"store:   {champion.store}")
-    upload = described["max_upload_mb"]
+    upload = described["max_upload_mib"]
     print(
         f"family:  {described['family']}, level {described['level']}, {len(classes)} genres; "
-        f"max upload {upload if upload is not None else '?'} MB, "
-        f"audio_path {'allowed' if described['allow_audio_path'] else 'not allowed'}"
+        f"max upload {upload if upload is not None else '?'} MiB, "
+        f"audio_path {'on for --by-path' if args.by_path else 'off'} (as served here)"
     )
     print(
         f"clips:   {len(clips)} in {args.clips_dir}, cycled (requests use {len(used)} of them, "
@@ -583,7 +769,12 @@ def benchmark(args: argparse.Namespace, champion: Champion, scratch: Path) -> No
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"machine: {os.cpu_count()} cores, load average {load} (1, 5, 15 min) at start")
 
-    server = Server(champion, args.workers, scratch / "serve.log", scratch)
+    overrides = (
+        {"allow_audio_path": True, "audio_root": str(args.clips_dir.resolve())}
+        if args.by_path
+        else None
+    )
+    server = Server(champion, args.workers, scratch / "serve.log", scratch, overrides)
     try:
         print(
             f"server:  mlflow models serve --env-manager local -w {args.workers} on {server.url}",
@@ -621,6 +812,8 @@ def benchmark(args: argparse.Namespace, champion: Champion, scratch: Path) -> No
                     measured(f"{how}, {args.concurrency} clients", args.concurrency, by_path)
                 )
         at_end = server.memory()
+        if args.load:
+            hostile_load(server, client, args.load, args.load_clients)
     finally:
         server.stop()
 
@@ -662,6 +855,14 @@ def main() -> int:
         "--concurrency", type=int, default=2, help="client threads of the concurrent run (1: none)"
     )
     parser.add_argument("--by-path", action="store_true", help="also send the clips as audio_path")
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then a hostile load: N good requests mixed with bad ones and three bombs",
+    )
+    parser.add_argument("--load-clients", type=int, default=4, help="client threads of --load")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (mlflow's -w)")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import shutil
 import tempfile
@@ -19,8 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from gtzan_mlops.config import load_params
 from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings
-from gtzan_mlops.serving import ServingSpec, log_serving_model
+from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
 
 GENRES = ["blues", "classical", "country", "disco", "hiphop"]
 GENRES += ["jazz", "metal", "pop", "reggae", "rock"]
@@ -102,14 +104,21 @@ def log_sklearn(model: Pipeline, name: str = "model") -> str:
         ).model_uri
 
 
+def serving_limits(**overrides) -> ServingLimits:
+    """The project's serving limits (params.yaml), with `overrides`."""
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    return dataclasses.replace(ServingLimits.from_params(params), **overrides)
+
+
 def log_served(
     classifier_uri: str,
     level: str = "segment",
-    max_upload_mb: float = 50.0,
     family: str = "logreg",
     input_example: bool = False,
+    **limits,
 ) -> str:
-    """Log the serving pyfunc around a native sklearn model; returns its model URI."""
+    """Log the serving pyfunc around a native sklearn model, with the project's serving limits
+    changed by `limits`; returns its model URI."""
     spec = ServingSpec(
         family=family,
         flavor="sklearn",
@@ -119,7 +128,7 @@ def log_served(
     )
     with mlflow.start_run(run_name=f"serving-{family}"):
         info = log_serving_model(
-            spec, classifier_uri, max_upload_mb=max_upload_mb, input_example=input_example
+            spec, classifier_uri, serving_limits(**limits), input_example=input_example
         )
     return info.model_uri
 

@@ -349,7 +349,7 @@ def test_threads_write_the_same_manifest(tmp_path):
         _write_synthetic_clip(genres_dir / f"pop/synthetic-pop.{index:05d}.wav", clip)
     (genres_dir / "rock").mkdir()
     (genres_dir / "rock/synthetic-empty.00000.wav").write_bytes(b"")
-    gates = fetch.QualityGates(tuple(GENRES), min_duration_s=0.5, silence_peak=1e-4)
+    gates = fetch.ManifestGates(tuple(GENRES), min_duration_s=0.5, silence_peak=1e-4)
 
     one = fetch.build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 1, False)
     threaded = fetch.build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 3, False)

@@ -102,7 +102,9 @@ def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
         parents = runs[runs["tags.mlflow.parentRunId"].isna()]
         assert len(parents) == 1
         parent = parents.iloc[0]
-        assert parent["tags.mlflow.runName"] == "train-knn [handcrafted features, song-grouped split]"
+        assert (
+            parent["tags.mlflow.runName"] == "train-knn [handcrafted features, song-grouped split]"
+        )
         assert parent["params.family"] == "knn"  # the MLproject parameter, logged by mlflow run
         assert parent["tags.mlflow.project.entryPoint"] == "train"
         trials = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]

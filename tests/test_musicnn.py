@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow_helpers import GENRES, sqlite_store
+from mlflow_helpers import GENRES, serving_limits, sqlite_store
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from gtzan_mlops import feature_sets, musicnn
 from gtzan_mlops.audio import decode_mono, load_waveform
 from gtzan_mlops.features import FeatureSettings
-from gtzan_mlops.serving import BASE64_COLUMN, ServingSpec, log_serving_model
+from gtzan_mlops.serving import BASE64_COLUMN, ServingSpec, log_serving_model, output_columns
 
 SETTINGS = FeatureSettings()
 CLIPS_PER_GENRE = 7  # jazz has 00000-00002 and 00004-00007 in ../shared
@@ -189,7 +189,8 @@ def test_served_model_on_embeddings_classifies_raw_audio(
             native = mlflow.sklearn.log_model(
                 classifier, name="native", pip_requirements=["scikit-learn"]
             ).model_uri
-            info = log_serving_model(spec, native, max_upload_mb=50, musicnn_weights=weights)
+            limits = serving_limits(max_rows=len(GENRES))  # one request, one clip per genre
+            info = log_serving_model(spec, native, limits, musicnn_weights=weights)
 
         def no_package():
             raise AssertionError("the served model looked for the musicnn package")
@@ -201,7 +202,7 @@ def test_served_model_on_embeddings_classifies_raw_audio(
 
     loaded_from = next(iter(musicnn._EMBEDDERS))[0]
     assert loaded_from != weights and (loaded_from / "NOTICE").read_text().startswith("The MSD")
-    assert list(answer.columns) == ["genre", *(f"prob_{genre}" for genre in GENRES)]
+    assert list(answer.columns) == output_columns(GENRES)
     probabilities = answer[[f"prob_{genre}" for genre in GENRES]].to_numpy()
     assert np.allclose(probabilities.sum(axis=1), 1.0)
     # The mean of the segment probabilities, from the same features as the stage's.

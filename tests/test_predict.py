@@ -75,3 +75,29 @@ def test_missing_model_is_a_clear_error(champion, gtzan_mini, capsys):
     _, err = capsys.readouterr()
     assert code == 2
     assert "cannot load the model models:/no-such-model@champion" in err
+
+
+def test_timeline_of_a_long_song_of_two_genres(champion, gtzan_mini, tmp_path, capsys):
+    """`--timeline` prints runs of one genre through the song: a song made of real classical
+    then real metal clips shows both, in that order."""
+    import numpy as np
+    import soundfile
+
+    from gtzan_mlops.audio import load_waveform
+
+    parts = [
+        load_waveform(gtzan_mini / "genres" / genre / f"{genre}.{index:05d}.wav", 22050)
+        for genre in ("classical", "metal")
+        for index in (3, 4)
+    ]
+    song = tmp_path / "two-genres.flac"
+    soundfile.write(song, np.concatenate([part[: 30 * 22050] for part in parts]), 22050)
+    code = predict.main([str(song), "--model", f"models:/{MODEL_NAME}/1", "--timeline"])
+    out, _ = capsys.readouterr()
+    assert code == 0, out
+    runs = [line.split() for line in out.strip().splitlines()[1:]]
+    assert all(re.fullmatch(r"\d+:\d\d-\d+:\d\d", run[0]) for run in runs), out
+    assert runs[0][0].startswith("0:00-") and runs[-1][0].endswith("-2:00"), out
+    genres = [run[1] for run in runs]
+    assert "classical" in genres and "metal" in genres, out
+    assert genres.index("classical") < len(genres) - 1 - genres[::-1].index("metal"), out

@@ -9,12 +9,13 @@ from mlflow_helpers import (
     GENRES,
     fit_confusing,
     log_sklearn,
+    serving_limits,
     sqlite_store,
     synthetic_test_data,
     training_record,
 )
 
-from gtzan_mlops.config import ConfigError
+from gtzan_mlops.config import ConfigError, load_params
 from gtzan_mlops.evaluate import evaluate_records
 from gtzan_mlops.features import FeatureSettings
 from gtzan_mlops.promote import (
@@ -127,7 +128,11 @@ def _promote(family, registry, folder, data=None, **settings) -> dict:
         record,
         data,
         FeatureSettings(),
-        PromotionSettings(model_name=MODEL_NAME, experiment_name="serving", **settings),
+        PromotionSettings(
+            model_name=MODEL_NAME,
+            experiment_name="serving",
+            **{"limits": serving_limits(), **settings},
+        ),
         git_commit="0123abc",
     )
 
@@ -186,11 +191,11 @@ def test_registry_flow_promotes_only_what_beats_the_champion(registry, tmp_path,
     assert served.spec.family == "better" and served.spec.level == "segment"
 
     # The same classifier with other serving settings is a new served model: it takes the alias.
-    redeployed = _promote("better", registry, tmp_path, allow_audio_path=False)
+    redeployed = _promote("better", registry, tmp_path, limits=serving_limits(max_rows=4))
     assert redeployed["promoted"] and redeployed["version"] == 4
     assert "new serving code or serving settings" in redeployed["reason"]
     served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").unwrap_python_model()
-    assert served.allow_audio_path is False
+    assert served.limits.max_rows == 4
 
     for version in client.search_model_versions(f"name='{MODEL_NAME}'"):
         assert version.current_stage in (None, "None")
@@ -217,13 +222,17 @@ def test_champion_on_other_data_is_kept_unless_replace_is_asked(registry, tmp_pa
     assert _champion_version(client) == str(replaced["version"])
 
 
-def test_promotion_settings_from_params():
+def test_promotion_settings_from_params(repo_root):
+    params = load_params(repo_root / "params.yaml")
     settings = PromotionSettings.from_params(
         {
+            **params,
             "promote": {"model_name": "m", "min_improvement": 0.02, "on_data_change": "replace"},
-            "serving": {"max_upload_mb": 5, "allow_audio_path": False},
+            "serving": {**params["serving"], "max_upload_mib": 5},
         }
     )
-    assert settings == PromotionSettings("m", 0.02, "replace", None, 5.0, False)
+    assert settings == PromotionSettings(
+        "m", 0.02, "replace", None, serving_limits(max_upload_mib=5.0)
+    )
     with pytest.raises(ConfigError, match="on_data_change"):
         PromotionSettings.from_params({"promote": {"on_data_change": "sometimes"}})

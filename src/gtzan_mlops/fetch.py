@@ -43,8 +43,10 @@ from gtzan_mlops.audio import (
     AUDIO_EXTENSIONS,
     AudioError,
     AudioInfo,
+    QualityGates,
     find_truncation,
     inspect_audio,
+    quality_problems,
 )
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, section
@@ -669,43 +671,40 @@ def download_archive(settings: GtzanSettings, show_progress: bool = True) -> Pat
 
 
 @dataclass(frozen=True)
-class QualityGates:
-    """What a clip must pass to be usable (params `data.min_duration_s`, `data.silence_peak`,
-    and its folder among params `genres`)."""
+class ManifestGates:
+    """What a clip must pass to be usable: its folder among params `genres`, and the quality
+    gates the served model applies too (`data.min_duration_s`, `data.silence_peak`)."""
 
     genres: tuple[str, ...]
     min_duration_s: float
     silence_peak: float
 
+    @property
+    def quality(self) -> QualityGates:
+        return QualityGates(self.min_duration_s, self.silence_peak)
 
-def clip_status(path: Path, genre: str, gates: QualityGates) -> tuple[AudioInfo | None, str]:
+
+def clip_status(path: Path, genre: str, gates: ManifestGates) -> tuple[AudioInfo | None, str]:
     """(AudioInfo or None when undecodable, `ok` or `<problem>: <detail>`) for one file."""
     if path.stat().st_size == 0:
         return None, "empty: 0 bytes"
     truncation = find_truncation(path)
-    truncated = (
-        f"truncated: header promises {truncation.promised_frames} frames, "
-        f"file holds {truncation.held_frames}"
-        if truncation
-        else ""
-    )
     try:
         info = inspect_audio(path)
     except AudioError as error:
+        if truncation is not None:
+            return None, quality_problems(math.inf, math.inf, truncation, gates.quality)[0].message
         reason = str(error).removeprefix(f"{path}: ")
-        return None, truncated or f"undecodable: {reason}"
-    if truncated:
-        return info, truncated
-    if info.duration_s < gates.min_duration_s:
-        return info, f"too short: {info.duration_s:.2f} s, min_duration_s is {gates.min_duration_s}"
-    if info.peak < gates.silence_peak:
-        return info, f"silent: peak {info.peak:.3g}, silence_peak is {gates.silence_peak}"
+        return None, f"undecodable: {reason}"
+    problems = quality_problems(info.duration_s, info.peak, truncation, gates.quality)
+    if problems:
+        return info, problems[0].message
     if genre not in gates.genres:
         return info, f"unknown genre: folder '{genre}' is not in params genres"
     return info, OK
 
 
-def inspect_file(path: Path, gates: QualityGates) -> dict[str, Any]:
+def inspect_file(path: Path, gates: ManifestGates) -> dict[str, Any]:
     """The manifest row of one file (path absolute); sha256 is filled whenever it is readable."""
     genre = path.parent.name
     try:
@@ -729,7 +728,7 @@ def build_manifest(
     raw_dir: Path,
     root: Path,
     source: str,
-    gates: QualityGates,
+    gates: ManifestGates,
     workers: int = 1,
     show_progress: bool = True,
 ) -> pd.DataFrame:
@@ -895,7 +894,7 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
     raw_dir = root / RAW_DIR
     manifest_path = root / MANIFEST
     data = section(params, "data")
-    gates = QualityGates(
+    gates = ManifestGates(
         genres=_genres(params),
         min_duration_s=_number(data, "min_duration_s", "data", float, minimum=0),
         silence_peak=_number(data, "silence_peak", "data", float, minimum=0),

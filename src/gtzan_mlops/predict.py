@@ -1,9 +1,8 @@
-"""`gtzan-mlops predict FILE [FILE ...] [--model URI]`: the genre of audio files.
+"""`gtzan-mlops predict FILE [FILE ...]`: the genre of whole songs with the served model.
 
-Loads the served model (default `models:/<promote.model_name>@champion` from the project's
-tracking store) and classifies each file on its own, so a bad file is reported with its reason
-while the others are still classified. Prints per file the genre and the three most probable
-genres; exits 1 if any file failed, 2 if the model cannot be loaded.
+Each file goes to the model (default: the champion) on its own, as the bytes a client would
+send, so a bad file is reported with its reason while the others are classified. Exits 1 if
+any file failed, 2 if the model cannot be loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +17,13 @@ from typing import Any
 import pandas as pd
 
 from gtzan_mlops.config import ConfigError, find_repo_root, load_params
-from gtzan_mlops.serving import GENRE_COLUMN, PATH_COLUMN
+from gtzan_mlops.serving import (
+    BASE64_COLUMN,
+    GENRE_COLUMN,
+    TIMELINE_COLUMN,
+    TIMELINE_PARAM,
+    WARNING_COLUMN,
+)
 
 _ROW_PREFIX = re.compile(r"^row \d+: ")
 
@@ -29,6 +34,8 @@ class FileResult:
     genre: str | None = None
     top: tuple[tuple[str, float], ...] = ()
     error: str | None = None
+    warning: str | None = None
+    timeline: tuple[dict[str, Any], ...] = ()  # per segment: start_s, end_s, genre, probabilities
 
 
 def default_model_uri(params: dict[str, Any]) -> str:
@@ -37,19 +44,30 @@ def default_model_uri(params: dict[str, Any]) -> str:
 
 
 def _clean_error(message: str, path: str) -> str:
-    """The model's message without its request-row prefix, always naming the file."""
+    """The model's message without its request-row prefix, naming the file."""
     match = _ROW_PREFIX.match(message)
     if match:
         message = message[match.end() :]
+    message = message.replace(f"{BASE64_COLUMN}[0]", path)
     return message if path in message else f"{path}: {message}"
 
 
-def classify_file(model: Any, path: str, top_k: int = 3) -> FileResult:
+def classify_file(model: Any, path: str, top_k: int = 3, timeline: bool = False) -> FileResult:
     """One file through the served model; errors come back in the result, not raised."""
+    import base64
+
     from mlflow.exceptions import MlflowException
 
     try:
-        output = model.predict(pd.DataFrame({PATH_COLUMN: [path]}))
+        encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    except FileNotFoundError:
+        return FileResult(path, error=f"{path}: no such file")
+    except OSError as error:
+        return FileResult(path, error=f"{path}: unreadable ({error.strerror or error})")
+    try:
+        output = model.predict(
+            pd.DataFrame({BASE64_COLUMN: [encoded]}), params={TIMELINE_PARAM: timeline}
+        )
     except MlflowException as error:
         return FileResult(path, error=_clean_error(error.message, path))
     row = output.iloc[0]
@@ -59,14 +77,53 @@ def classify_file(model: Any, path: str, top_k: int = 3) -> FileResult:
         if column.startswith("prob_")
     }
     ranked = sorted(probabilities.items(), key=lambda item: item[1], reverse=True)[:top_k]
-    return FileResult(path, genre=str(row[GENRE_COLUMN]), top=tuple(ranked))
+    warning = row.get(WARNING_COLUMN)
+    return FileResult(
+        path,
+        genre=str(row[GENRE_COLUMN]),
+        top=tuple(ranked),
+        warning=warning if isinstance(warning, str) and warning else None,
+        timeline=tuple(row[TIMELINE_COLUMN]) if timeline else (),
+    )
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def timeline_runs(
+    timeline: tuple[dict[str, Any], ...],
+) -> list[tuple[float, float, str, float, int]]:
+    """Consecutive segments of the same genre merged: (start s, end s, genre, its mean
+    probability over them, segments)."""
+    runs: list[tuple[float, float, str, float, int]] = []
+    for segment in timeline:
+        genre, share = segment[GENRE_COLUMN], segment["probabilities"][segment[GENRE_COLUMN]]
+        if runs and runs[-1][2] == genre:
+            start, _, _, mean, count = runs[-1]
+            runs[-1] = (
+                start,
+                segment["end_s"],
+                genre,
+                (mean * count + share) / (count + 1),
+                count + 1,
+            )
+        else:
+            runs.append((segment["start_s"], segment["end_s"], genre, share, 1))
+    return runs
 
 
 def format_result(result: FileResult) -> str:
     if result.error:
         return f"{result.path}: FAILED: {result.error}"
     ranked = ", ".join(f"{genre} {probability:.2f}" for genre, probability in result.top)
-    return f"{result.path}: {result.genre}  ({ranked})"
+    lines = [f"{result.path}: {result.genre}  ({ranked})"]
+    if result.warning:
+        lines.append(f"  warning: {result.warning}")
+    for start, end, genre, share, count in timeline_runs(result.timeline):
+        unit = "segment" if count == 1 else "segments"
+        lines.append(f"  {_clock(start)}-{_clock(end)}  {genre} {share:.2f}  ({count} {unit})")
+    return "\n".join(lines)
 
 
 def load_model(model_uri: str, root: Path | None = None) -> Any:
@@ -80,10 +137,17 @@ def load_model(model_uri: str, root: Path | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gtzan-mlops predict", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gtzan-mlops predict", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+    )
     parser.add_argument("files", nargs="+", help="audio files (WAV, AU, FLAC, MP3, OGG)")
     parser.add_argument("--model", default="", help="model URI (default: the champion)")
     parser.add_argument("--top", type=int, default=3, help="how many genres to list per file")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also print the genre through each song (runs of segments of one genre)",
+    )
     parser.add_argument(
         "--params", type=Path, default=None, help="params.yaml (default: repo root's)"
     )
@@ -109,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = 0
     for path in args.files:
-        result = classify_file(model, path, args.top)
+        result = classify_file(model, path, args.top, args.timeline)
         if result.error:
             failed += 1
             print(format_result(result), file=sys.stderr)

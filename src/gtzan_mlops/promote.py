@@ -46,6 +46,7 @@ from gtzan_mlops.evaluate import (
     stale_reason,
 )
 from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.serving import ServingLimits
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ SERVING_MODULES = (
     "musicnn.py",
     "audio.py",
     "models.py",
+    "config.py",
 )
 
 
@@ -233,29 +235,23 @@ class PromotionSettings:
     min_improvement: float = 0.0
     on_data_change: str = "keep"
     experiment_name: str | None = None
-    max_upload_mb: float = 50.0
-    allow_audio_path: bool = True
-    max_audio_seconds: float = 600.0
+    limits: ServingLimits | None = None  # the served model's config (params serving)
     musicnn_weights: Path | None = None  # the checkpoint logged with a model on musicnn features
-    musicnn_batch_size: int = 16
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
-        stage, serve = params.get("promote", {}), params.get("serving", {})
+        stage = params.get("promote", {})
         settings = cls(
             model_name=str(stage.get("model_name", cls.model_name)),
             min_improvement=float(stage.get("min_improvement", cls.min_improvement)),
             on_data_change=str(stage.get("on_data_change", cls.on_data_change)),
             experiment_name=stage.get("experiment_name"),
-            max_upload_mb=float(serve.get("max_upload_mb", cls.max_upload_mb)),
-            allow_audio_path=bool(serve.get("allow_audio_path", cls.allow_audio_path)),
-            max_audio_seconds=float(serve.get("max_audio_seconds", cls.max_audio_seconds)),
         )
         if settings.on_data_change not in ON_DATA_CHANGE:
             raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
         if settings.min_improvement < 0:
             raise ConfigError("promote.min_improvement must not be negative")
-        return settings
+        return dataclasses.replace(settings, limits=ServingLimits.from_params(params))
 
 
 def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSettings) -> str:
@@ -265,9 +261,7 @@ def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSetti
     payload = {
         "classifier_uri": classifier_uri,
         "spec": spec.to_dict(),
-        "max_upload_mb": settings.max_upload_mb,
-        "allow_audio_path": settings.allow_audio_path,
-        "max_audio_seconds": settings.max_audio_seconds,
+        "limits": settings.limits.to_config() if settings.limits else None,
         "code": source_digest(*SERVING_MODULES),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -293,6 +287,8 @@ def promote_winner(
 
     client = MlflowClient()
     name = settings.model_name
+    if settings.limits is None:
+        raise ConfigError("promotion needs the serving limits (params serving)")
     winner, metric = evaluation["winner"], evaluation["selection_metric"]
     if record_model(record) != winner:
         raise EvaluationError(f"the record is of {record_model(record)}, the winner is {winner}")
@@ -388,11 +384,8 @@ def promote_winner(
         model_info = serving.log_serving_model(
             spec,
             record["model_uri"],
-            max_upload_mb=settings.max_upload_mb,
-            allow_audio_path=settings.allow_audio_path,
-            max_audio_seconds=settings.max_audio_seconds,
+            settings.limits,
             musicnn_weights=settings.musicnn_weights,
-            musicnn_batch_size=settings.musicnn_batch_size,
         )
         mlflow.log_metric(metric, challenger_value)
     tags["promotion"] = "promoted" if decision.promote else "not promoted"
@@ -440,11 +433,7 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     feature_settings = serving_settings(params, record)
     if feature_sets.uses_musicnn(record_feature_set(record)):
         extraction = feature_sets.ExtractionSettings.from_params(params, root)
-        settings = dataclasses.replace(
-            settings,
-            musicnn_weights=extraction.musicnn_weights,
-            musicnn_batch_size=extraction.musicnn_batch_size,
-        )
+        settings = dataclasses.replace(settings, musicnn_weights=extraction.musicnn_weights)
     data = load_test_data(params, root)
     stale = stale_reason(record, data)
     if stale:

@@ -1,4 +1,4 @@
-"""The served model: raw audio in, a genre and the probability of every genre out.
+"""The served model: raw audio of whole songs in, a genre and the probability of every genre out.
 
 What the registry holds under `models:/<promote.model_name>@champion` is this MLflow pyfunc, so
 `mlflow models serve` and `gtzan-mlops predict` both classify audio files, not feature vectors.
@@ -6,35 +6,40 @@ It wraps the winning family's native model (a copy, as the artifact `classifier`
 audio into that model's input: the feature settings, the class order and the level (artifact
 `spec`, a JSON file, read-only at serving time) and, for a model on the `musicnn` or `both`
 feature set, the MSD_musicnn checkpoint (artifact `musicnn_weights`), so loading it needs
-neither the musicnn package nor a network. Decoding goes through `audio.decode_mono` and
+neither the musicnn package nor a network. Decoding goes through `audio.decode_audio` and
 features through `feature_sets.extract_sets`, the functions the pipeline trained on, so serving
 cannot drift from training.
 
-Input: a DataFrame, one row per clip, with one of two string columns per row:
-  `audio_path`   a path to an audio file on the serving machine (can be switched off, see below)
+Input: a DataFrame, one row per song, with one of two string columns per row:
   `audio_base64` the bytes of a WAV/AU/FLAC/MP3/OGG file, base64-encoded
-Output: a DataFrame with one row per input row: `genre` (the most probable genre) and one float
-column `prob_<genre>` per genre, in the order of params `genres`.
+  `audio_path`   a file under the server's `audio_root` (off unless `allow_audio_path`)
+Output: one row per input row: `genre` (the most probable genre), one float column
+`prob_<genre>` per genre in the order of params `genres`, and `warning` (null, or why the answer
+is less sure, e.g. a truncated file). With the request parameter `timeline` true, a `timeline`
+column holds, per analysed segment, its start and end in seconds, its genre and probabilities.
 
 Through `mlflow models serve` (POST /invocations, Content-Type: application/json):
-  request   {"dataframe_split": {"columns": ["audio_base64"], "data": [["UklGRiQ..."]]}}
-         or {"dataframe_records": [{"audio_path": "/music/song.wav"}]}
-  response  {"predictions": [{"genre": "jazz", "prob_blues": 0.01, ..., "prob_rock": 0.02}]}
-A bad input (empty, not audio, shorter than one segment, too large or too long, no or both
-columns) raises
-MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with HTTP 400 and
-{"error_code": "INVALID_PARAMETER_VALUE", "message": "... row 0: <name>: <problem>"}.
+  request   {"dataframe_split": {"columns": ["audio_base64"], "data": [["UklGRiQ..."]]},
+             "params": {"timeline": true}}
+  response  {"predictions": [{"genre": "jazz", "prob_blues": 0.01, ..., "warning": null}]}
+A bad request (no or both columns, too many rows, not audio, silent, shorter than one segment,
+over a limit) is answered HTTP 400 with {"error_code": "INVALID_PARAMETER_VALUE", "message":
+"row 0: <name>: <problem>"}; a busy server 429; an unexpected failure 500 with a message and no
+stack trace (the trace goes to the server's log).
 
-Segment-level models classify every segment of the clip (at most clip_seconds / segment_seconds
-of them, from the start) and average the segment probabilities; clip-level models classify the
-features of the whole clip.
+Whole songs: a song is cut into excerpts of `clip_seconds` (GTZAN's 30 s clips), each turned
+into features exactly as the pipeline does a clip; a segment-level model classifies every
+segment, a clip-level one every excerpt, and the probabilities are averaged. Beyond
+`max_segments` segments, evenly spaced excerpts cover the song instead of all of them.
 
-Two operational settings live in the model config and can be changed at serving time without
-re-logging, e.g. `SERVING_MODEL_CONFIG='{"allow_audio_path": false}' mlflow models serve ...`
-(the variable MLflow's scoring server reads) or `mlflow.pyfunc.load_model(uri, model_config=...)`:
-`max_upload_mb` (largest accepted audio, encoded), `max_audio_seconds` (longest accepted audio,
-checked before decoding) and `allow_audio_path` (reading paths on the server; switch it off for
-an endpoint others can reach).
+Bounds on each request (ServingLimits, params `serving`, stored in the model config and
+overridable at serve time, e.g. `SERVING_MODEL_CONFIG='{"max_rows": 4}' mlflow models serve`):
+rows per request and their total size; per file its encoded size, and from its header, before
+anything is decoded, its channels, sample rate, duration and decoded size. Files are decoded in
+blocks and down-mixed as read, and at most `max_concurrent_decodes` rows are decoded and
+classified at once per server process (MLflow runs each request in a thread of its own). The
+request body itself is read whole by MLflow's scoring server before any of this: its size must
+be bounded by a proxy in front (deploy/nginx.conf).
 """
 
 from __future__ import annotations
@@ -43,36 +48,59 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
+import os
 import shutil
+import stat
 import tempfile
-from dataclasses import asdict, dataclass
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    REQUEST_LIMIT_EXCEEDED,
+)
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from threadpoolctl import threadpool_limits
 
 import gtzan_mlops
 from gtzan_mlops import feature_sets
-from gtzan_mlops.audio import AudioError, decode_mono
-from gtzan_mlops.features import FeatureError, FeatureSettings, warm_up
+from gtzan_mlops.audio import (
+    AudioError,
+    AudioHeader,
+    DecodeLimits,
+    QualityGates,
+    decode_audio,
+    probe_audio,
+    quality_problems,
+)
+from gtzan_mlops.config import ConfigError, section
+from gtzan_mlops.features import FeatureError, FeatureSettings, segment_bounds, warm_up
 from gtzan_mlops.musicnn import CHECKPOINT_FILES, MusicnnError
 
 PATH_COLUMN = "audio_path"
 BASE64_COLUMN = "audio_base64"
 INPUT_COLUMNS = (PATH_COLUMN, BASE64_COLUMN)
 GENRE_COLUMN = "genre"
+WARNING_COLUMN = "warning"
+TIMELINE_COLUMN = "timeline"
+TIMELINE_PARAM = "timeline"  # request parameter: add the per-segment timeline
 CLASSIFIER_ARTIFACT = "classifier"
 SPEC_ARTIFACT = "spec"
 MUSICNN_ARTIFACT = "musicnn_weights"
 SERVING_MODEL_NAME = "serving_model"  # the logged model's name inside its run
+
+_log = logging.getLogger(__name__)
 
 # Distributions the served model imports besides its flavor's (models.FLAVOR_REQUIREMENTS);
 # pinned to the installed versions when logged, so an environment built from the model
@@ -134,19 +162,22 @@ def probability_column(genre: str) -> str:
 
 
 def output_columns(classes: tuple[str, ...] | list[str]) -> list[str]:
-    return [GENRE_COLUMN, *(probability_column(genre) for genre in classes)]
+    return [GENRE_COLUMN, *(probability_column(genre) for genre in classes), WARNING_COLUMN]
 
 
 def input_signature(classes: tuple[str, ...] | list[str]) -> ModelSignature:
-    """Two optional string inputs (a row uses one of them); genre plus one probability each."""
+    """Two optional string inputs (a row uses one of them); genre plus one probability each and
+    a warning; the request parameter `timeline` adds the per-segment probabilities."""
     inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
     outputs = Schema(
         [
             ColSpec("string", GENRE_COLUMN),
             *(ColSpec("double", probability_column(genre)) for genre in classes),
+            ColSpec("string", WARNING_COLUMN, required=False),
         ]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    parameters = ParamSchema([ParamSpec(TIMELINE_PARAM, "boolean", False)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=parameters)
 
 
 def invalid_input(message: str) -> MlflowException:
@@ -172,8 +203,8 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
     # Checked before decoding, so an oversized body is refused without a second copy in memory.
     if len(compact) * 3 // 4 > max_bytes:
         raise ValueError(
-            f"upload of about {len(compact) * 3 / 4 / 2**20:.1f} MB exceeds the limit of "
-            f"{max_bytes / 2**20:g} MB"
+            f"upload of about {len(compact) * 3 / 4 / 2**20:.1f} MiB exceeds the limit of "
+            f"{max_bytes / 2**20:g} MiB"
         )
     try:
         return base64.b64decode(compact, validate=True)
@@ -181,44 +212,243 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
         raise ValueError(f"{BASE64_COLUMN} is not valid base64 ({error})") from error
 
 
-def classify_waveform(
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request may cost and read (params `serving`; the quality gates from `data`,
+    the musicnn batch from `features.musicnn`). Stored as the model config of the served
+    model, so every field can be overridden at serve time."""
+
+    max_rows: int  # songs per request
+    max_request_mib: float  # their encoded audio together
+    max_upload_mib: float  # one song's encoded audio
+    max_audio_seconds: float  # one song's duration, from its header
+    max_channels: int
+    max_sample_rate: int
+    max_decoded_mib: float  # frames x channels as float32, from the header
+    max_segments: int  # segments analysed per song; beyond it, evenly spaced excerpts
+    max_concurrent_decodes: int  # rows decoded and classified at once, per server process
+    allow_audio_path: bool
+    audio_root: str | None  # the only folder audio_path may read (symlinks resolved)
+    min_duration_s: float
+    silence_peak: float
+    musicnn_batch_size: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ServingLimits:
+        serving = section(params, "serving")
+        known = {field.name for field in fields(cls)} - {
+            "min_duration_s",
+            "silence_peak",
+            "musicnn_batch_size",
+        }
+        unknown = sorted(set(serving) - known)
+        if unknown:
+            raise ConfigError(f"params serving.{unknown[0]}: unknown setting")
+        data = section(params, "data")
+        musicnn_section = section(params, "features.musicnn")
+        values = {
+            **serving,
+            "min_duration_s": data.get("min_duration_s"),
+            "silence_peak": data.get("silence_peak"),
+            "musicnn_batch_size": musicnn_section.get("batch_size"),
+        }
+        try:
+            return cls.from_config(values)
+        except ValueError as error:
+            raise ConfigError(f"params serving: {error}") from error
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ServingLimits:
+        """From a model config (or params), every field required and of its type."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            if field.name not in config:
+                raise ValueError(f"{field.name} is missing")
+            value = config[field.name]
+            if field.name == "audio_root":
+                values[field.name] = None if value in (None, "") else str(value)
+            elif field.name == "allow_audio_path":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{field.name} must be true or false, got {value!r}")
+                values[field.name] = value
+            else:
+                kind = int if field.type == "int" else float
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{field.name} must be a number, got {value!r}")
+                if value < 0 or (kind is int and value != int(value)):
+                    raise ValueError(f"{field.name} must be a non-negative {kind.__name__}")
+                values[field.name] = kind(value)
+        for name in ("max_rows", "max_segments", "max_concurrent_decodes", "musicnn_batch_size"):
+            if values[name] < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if values["allow_audio_path"] and values["audio_root"] is None:
+            raise ValueError("allow_audio_path needs an audio_root to read from")
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def decode(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_seconds=self.max_audio_seconds,
+            max_channels=self.max_channels,
+            max_sample_rate=self.max_sample_rate,
+            max_decoded_mib=self.max_decoded_mib,
+        )
+
+    @property
+    def gates(self) -> QualityGates:
+        return QualityGates(self.min_duration_s, self.silence_peak)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """One analysed stretch of a song: a segment (segment-level model) or an excerpt."""
+
+    start_s: float
+    end_s: float
+    probabilities: np.ndarray  # (n_classes,)
+
+
+def song_windows(
+    n_samples: int, file_rate: int, settings: FeatureSettings, level: str, max_segments: int
+) -> list[tuple[int, int]]:
+    """Sample ranges (at `file_rate`) of the excerpts of a song that are classified.
+
+    Back to back `clip_seconds` excerpts cover the song, each processed as the pipeline
+    processes a clip. A tail shorter than one segment belongs to the excerpt before it (so a
+    30.01 s GTZAN clip is one excerpt, as in the pipeline); a longer tail is an excerpt of its
+    own, for a clip-level model one ending at the song's end (overlapping its neighbour, as the
+    last segment of a clip does). When the excerpts hold more than `max_segments` segments,
+    `max_segments // segments per clip` excerpts evenly spaced over the song are classified."""
+    window = round(settings.clip_seconds * file_rate)
+    segment = round(settings.segment_seconds * file_rate)
+    starts = list(range(0, n_samples, window))
+    if len(starts) > 1 and n_samples - starts[-1] < segment:
+        starts.pop()
+    windows = [(start, min(start + window, n_samples)) for start in starts]
+    windows[-1] = (windows[-1][0], n_samples)
+    if level == "clip" and len(windows) > 1:
+        windows[-1] = (n_samples - window, n_samples)
+    most = max(1, max_segments // settings.max_segments)
+    if len(windows) > most:
+        spaced = np.linspace(0, n_samples - window, most).round().astype(int)
+        windows = [(int(start), int(start) + window) for start in spaced]
+    return windows
+
+
+def classify_song(
     classifier: Any,
     spec: ServingSpec,
     waveform: np.ndarray,
-    file_rate: int | None = None,
+    file_rate: int,
+    max_segments: int,
     musicnn_weights: Path | None = None,
     musicnn_batch_size: int = 16,
-) -> tuple[np.ndarray, int]:
-    """Probabilities (n_classes,) of one mono waveform at `file_rate` (default: the spec's
-    sample rate), and how many feature rows they come from (segments for a segment-level model,
-    1 for a clip-level one). A model on musicnn embeddings needs `musicnn_weights`."""
+    deadline: float | None = None,
+) -> list[SegmentResult]:
+    """The probabilities of every analysed segment (or excerpt) of one mono song at
+    `file_rate`, in time order (see song_windows). A model on musicnn embeddings needs
+    `musicnn_weights`. Past `deadline` (time.monotonic()) it stops with RequestTimeout."""
     settings = spec.settings
     bases = feature_sets.base_sets(spec.feature_set)
     if feature_sets.MUSICNN in bases and musicnn_weights is None:
         raise MusicnnError(f"a model on the {spec.feature_set} feature set needs musicnn weights")
-    extracted = feature_sets.extract_sets(
-        waveform,
-        file_rate or settings.sample_rate,
-        settings,
-        musicnn_weights if feature_sets.MUSICNN in bases else None,
-        include_clip=spec.level == "clip",
-        handcrafted=feature_sets.HANDCRAFTED in bases,
-        batch_size=musicnn_batch_size,
-    )
-    if spec.level == "segment":
-        rows = extracted.segment_rows(spec.feature_set)
-    else:
-        rows = extracted.clip_row(spec.feature_set)[np.newaxis, :]
-    if len(rows) == 0:
-        raise FeatureError("no complete segment to classify")
-    frame = pd.DataFrame(rows, columns=feature_sets.columns(spec.feature_set, settings.n_mfcc))
-    probabilities = np.asarray(classifier.predict_proba(frame), dtype=np.float64)
-    if probabilities.shape != (len(rows), len(spec.classes)):
-        raise RuntimeError(
-            f"the classifier returned probabilities of shape {probabilities.shape}, expected "
-            f"({len(rows)}, {len(spec.classes)})"
+    columns = feature_sets.columns(spec.feature_set, settings.n_mfcc)
+    results: list[SegmentResult] = []
+    for begin, end in song_windows(len(waveform), file_rate, settings, spec.level, max_segments):
+        if deadline is not None and time.monotonic() > deadline:
+            raise RequestTimeout("the song took longer than the server's request timeout")
+        extracted = feature_sets.extract_sets(
+            waveform[begin:end],
+            file_rate,
+            settings,
+            musicnn_weights if feature_sets.MUSICNN in bases else None,
+            include_clip=spec.level == "clip",
+            handcrafted=feature_sets.HANDCRAFTED in bases,
+            batch_size=musicnn_batch_size,
         )
-    return probabilities.mean(axis=0), len(rows)
+        offset = begin / file_rate
+        if spec.level == "segment":
+            rows = extracted.segment_rows(spec.feature_set)
+            spans = [
+                (offset + start / settings.sample_rate, offset + stop / settings.sample_rate)
+                for start, stop in segment_bounds(extracted.length, settings)
+            ]
+        else:
+            rows = extracted.clip_row(spec.feature_set)[np.newaxis, :]
+            spans = [(offset, end / file_rate)]
+        if len(rows) == 0:
+            continue
+        probabilities = np.asarray(
+            classifier.predict_proba(pd.DataFrame(rows, columns=columns)), dtype=np.float64
+        )
+        if probabilities.shape != (len(rows), len(spec.classes)):
+            raise RuntimeError(
+                f"the classifier returned probabilities of shape {probabilities.shape}, "
+                f"expected ({len(rows)}, {len(spec.classes)})"
+            )
+        results += [SegmentResult(a, b, p) for (a, b), p in zip(spans, probabilities, strict=True)]
+    if not results:
+        raise FeatureError("no complete segment to classify")
+    return results
+
+
+class RequestTimeout(Exception):
+    """The request ran past the scoring server's timeout: its work stops (HTTP 503)."""
+
+
+def _request_deadline() -> float | None:
+    """When the scoring server gives up on a request (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
+    set by `mlflow models serve`): work on it stops then rather than running on unseen."""
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    if not MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.defined:
+        return None
+    return time.monotonic() + float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+
+
+_PATH_REFUSAL = (
+    f"{PATH_COLUMN}: no readable regular audio file at this path under the server's audio folder"
+)
+
+
+def open_under_root(text: str, root: str, max_bytes: int) -> BinaryIO:
+    """An open file of `text` (absolute, or relative to `root`) if its real path, symlinks
+    resolved, is a regular file under `root`; else ValueError with one message for every
+    refusal (missing, outside, unreadable, not a regular file), so that nothing outside the
+    root can be probed. No `~` expansion. Files larger than `max_bytes` are refused too."""
+    base = Path(os.path.realpath(root))
+    try:
+        real = Path(os.path.realpath(base / text, strict=True))
+        if not real.is_relative_to(base):
+            raise ValueError(_PATH_REFUSAL)
+        # O_NONBLOCK: a FIFO swapped in after the check must not hang the open; O_NOFOLLOW: nor
+        # may a symlink.
+        descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except (OSError, ValueError):
+        raise ValueError(_PATH_REFUSAL) from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise ValueError(_PATH_REFUSAL)
+    if info.st_size > max_bytes:
+        os.close(descriptor)
+        raise ValueError(
+            f"file of {info.st_size / 2**20:.1f} MiB exceeds the limit of {max_bytes / 2**20:g} MiB"
+        )
+    handle = os.fdopen(descriptor, "rb")
+    return handle
+
+
+@dataclass
+class _Row:
+    """One request row after the cheap checks: how to open its audio and what it declares."""
+
+    name: str
+    open: Any  # () -> BinaryIO
+    header: AudioHeader
 
 
 class GenreClassifier(mlflow.pyfunc.PythonModel):
@@ -234,11 +464,11 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         spec_path = Path(context.artifacts[SPEC_ARTIFACT])
         self.spec = ServingSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
         self.classifier = load_classifier(context.artifacts[CLASSIFIER_ARTIFACT], self.spec.flavor)
-        config = context.model_config or {}
-        self.max_upload_bytes = int(float(config.get("max_upload_mb", 50)) * 2**20)
-        self.max_audio_seconds = float(config.get("max_audio_seconds", 600))
-        self.allow_audio_path = bool(config.get("allow_audio_path", True))
-        self.musicnn_batch_size = int(config.get("musicnn_batch_size", 16))
+        try:
+            self.limits = ServingLimits.from_config(context.model_config or {})
+        except ValueError as error:
+            raise MlflowException(f"the served model's config: {error}") from None
+        self._decoding = threading.BoundedSemaphore(self.limits.max_concurrent_decodes)
         # The checkpoint logged with the model (the folder holding its ".index" file).
         weights = context.artifacts.get(MUSICNN_ARTIFACT)
         self.musicnn_weights = Path(weights) if weights else None
@@ -254,37 +484,87 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
 
             if self.musicnn_weights is None:
                 raise MusicnnError("the model has no musicnn_weights artifact")
-            musicnn.embedder(self.musicnn_weights, self.musicnn_batch_size)  # built once, here
+            musicnn.embedder(self.musicnn_weights, self.limits.musicnn_batch_size)  # built once
 
-    def _waveform(self, row: dict[str, Any], index: int) -> tuple[str, np.ndarray, int]:
-        """The name used in messages, the decoded mono waveform of one input row and its rate."""
+    def _row(self, row: dict[str, Any], index: int) -> _Row:
+        """The cheap checks of one row: its source, size and header, before any decoding."""
+        limits = self.limits
+        max_bytes = int(limits.max_upload_mib * 2**20)
         path, encoded = row.get(PATH_COLUMN), row.get(BASE64_COLUMN)
         has_path, has_bytes = _present(path), _present(encoded)
         if has_path == has_bytes:
             raise ValueError(
-                f"row {index}: give exactly one of {PATH_COLUMN} or {BASE64_COLUMN} "
+                f"give exactly one of {PATH_COLUMN} or {BASE64_COLUMN} "
                 f"({'both' if has_path else 'neither'} given)"
             )
         if has_path:
-            if not self.allow_audio_path:
+            if not limits.allow_audio_path or limits.audio_root is None:
                 raise ValueError(
-                    f"row {index}: {PATH_COLUMN} is switched off on this server; send the file "
-                    f"as {BASE64_COLUMN}"
+                    f"{PATH_COLUMN} is switched off on this server; send the file as "
+                    f"{BASE64_COLUMN}"
                 )
-            name = str(path)
-            file = Path(name).expanduser()
-            if file.is_file() and file.stat().st_size > self.max_upload_bytes:
-                raise ValueError(
-                    f"row {index}: {name}: file of {file.stat().st_size / 2**20:.1f} MB exceeds "
-                    f"the limit of {self.max_upload_bytes / 2**20:g} MB"
+            if not isinstance(path, str):
+                raise ValueError(f"{PATH_COLUMN} must be a string")
+            name, root = path, limits.audio_root  # the client's own words, never the real path
+
+            def opener() -> BinaryIO:
+                try:
+                    return open_under_root(path, root, max_bytes)
+                except ValueError as error:
+                    refusal = str(error) == _PATH_REFUSAL
+                    raise ValueError(str(error) if refusal else f"{path}: {error}") from None
+        else:
+            name = f"{BASE64_COLUMN}[{index}]"
+            try:
+                data = decode_base64_audio(encoded, max_bytes)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+
+            def opener() -> BinaryIO:
+                return io.BytesIO(data)
+
+        with opener() as handle:
+            header = probe_audio(handle, name, limits.decode)
+        shortest = max(limits.min_duration_s, self.spec.settings.segment_seconds)
+        if header.duration_s < shortest:
+            raise ValueError(
+                f"{name}: {header.duration_s:.2f} s of audio is shorter than "
+                + (
+                    f"one {self.spec.settings.segment_seconds:g} s segment"
+                    if shortest == self.spec.settings.segment_seconds
+                    else f"min_duration_s {limits.min_duration_s:g} s"
                 )
-            return name, *decode_mono(file, name=name, max_seconds=self.max_audio_seconds)
-        name = f"{BASE64_COLUMN}[{index}]"
+            )
+        return _Row(name, opener, header)
+
+    def _classify(self, row: _Row, deadline: float | None) -> tuple[list[SegmentResult], str]:
+        """Decode and classify one row, at most max_concurrent_decodes at once; its warning."""
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._decoding.acquire(timeout=-1 if wait is None else wait):
+            raise RequestTimeout("the server is busy: too many songs are being decoded")
         try:
-            data = decode_base64_audio(encoded, self.max_upload_bytes)
-        except ValueError as error:
-            raise ValueError(f"row {index}: {name}: {error}") from error
-        return name, *decode_mono(data, name=name, max_seconds=self.max_audio_seconds)
+            with row.open() as handle:
+                decoded = decode_audio(handle, row.name, self.limits.decode)
+            problems = quality_problems(
+                decoded.duration_s, decoded.peak, decoded.truncation, self.limits.gates
+            )
+            refused = [problem for problem in problems if problem.kind != "truncated"]
+            if refused:
+                raise ValueError(f"{row.name}: {refused[0].message}")
+            warning = "; ".join(problem.message for problem in problems)
+            segments = classify_song(
+                self.classifier,
+                self.spec,
+                decoded.waveform,
+                decoded.sample_rate,
+                self.limits.max_segments,
+                self.musicnn_weights,
+                self.limits.musicnn_batch_size,
+                deadline,
+            )
+            return segments, warning
+        finally:
+            self._decoding.release()
 
     def predict(
         self,
@@ -292,6 +572,21 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
+        try:
+            return self._predict(model_input, params or {})
+        except MlflowException:
+            raise
+        except RequestTimeout as error:
+            raise MlflowException(str(error), error_code=REQUEST_LIMIT_EXCEEDED) from None
+        except Exception:
+            # The trace stays in the server's log: a response never carries it, nor paths.
+            _log.exception("unexpected error while classifying a request")
+            raise MlflowException(
+                "internal error while classifying the audio (details are in the server's log)",
+                error_code=INTERNAL_ERROR,
+            ) from None
+
+    def _predict(self, model_input: Any, params: dict[str, Any]) -> pd.DataFrame:
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         if not isinstance(model_input, pd.DataFrame):
@@ -302,56 +597,69 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         if not set(INPUT_COLUMNS) & set(model_input.columns):
             raise invalid_input(
                 f"the input has no {PATH_COLUMN} or {BASE64_COLUMN} column (one of them per row, "
-                "one row per clip)"
+                "one row per song)"
             )
         if model_input.empty:
-            raise invalid_input("the input holds no clips (0 rows)")
+            raise invalid_input("the input holds no songs (0 rows)")
+        limits = self.limits
+        if len(model_input) > limits.max_rows:
+            raise invalid_input(
+                f"{len(model_input)} rows exceed the limit of {limits.max_rows} songs per request"
+            )
+        if BASE64_COLUMN in model_input.columns:
+            encoded = model_input[BASE64_COLUMN].map(lambda v: len(v) if isinstance(v, str) else 0)
+            total_mib = int(encoded.sum()) * 3 / 4 / 2**20
+            if total_mib > limits.max_request_mib:
+                raise invalid_input(
+                    f"the request's audio, about {total_mib:.1f} MiB, exceeds the limit of "
+                    f"{limits.max_request_mib:g} MiB per request"
+                )
+        deadline = _request_deadline()
 
-        # Every row is decoded and checked before any is classified, so one request reports all
-        # of its bad rows at once, and cheaply.
-        waveforms: list[tuple[np.ndarray, int]] = []
+        # Every row is checked from its header before any is decoded, so one request reports
+        # all of its bad rows at once, and cheaply.
+        checked: list[_Row] = []
         problems: list[str] = []
-        segment_seconds = self.spec.settings.segment_seconds
         rows = model_input.reindex(columns=list(INPUT_COLUMNS)).to_dict("records")
         for index, row in enumerate(rows):
             try:
-                name, waveform, file_rate = self._waveform(row, index)
-            except (AudioError, ValueError, OSError) as error:
-                message = str(error)
-                problems.append(message if message.startswith("row ") else f"row {index}: {error}")
-                continue
-            seconds = len(waveform) / file_rate
-            if seconds < segment_seconds:
-                problems.append(
-                    f"row {index}: {name}: {seconds:.2f} s of audio is shorter than one "
-                    f"{segment_seconds:g} s segment"
-                )
-                continue
-            waveforms.append((waveform, file_rate))
+                checked.append(self._row(row, index))
+            except (AudioError, ValueError) as error:
+                problems.append(f"row {index}: {error}")
         if problems:
             raise invalid_input("; ".join(problems))
 
-        probabilities = []
-        for index, (waveform, file_rate) in enumerate(waveforms):
+        # Then one row at a time: a request holds one decoded song.
+        songs: list[list[SegmentResult]] = []
+        warnings: list[str | None] = []
+        for index, row in enumerate(checked):
             try:
-                probabilities.append(
-                    classify_waveform(
-                        self.classifier,
-                        self.spec,
-                        waveform,
-                        file_rate,
-                        self.musicnn_weights,
-                        self.musicnn_batch_size,
-                    )[0]
-                )
-            except FeatureError as error:
-                raise invalid_input(f"row {index}: {error}") from error
-        table = np.vstack(probabilities)
-        result = pd.DataFrame(
-            table, columns=[probability_column(genre) for genre in self.spec.classes]
-        )
-        result.insert(0, GENRE_COLUMN, [self.spec.classes[i] for i in table.argmax(axis=1)])
+                segments, warning = self._classify(row, deadline)
+            except (AudioError, FeatureError, ValueError) as error:
+                raise invalid_input(f"row {index}: {error}") from None
+            songs.append(segments)
+            warnings.append(warning or None)
+        table = np.vstack([np.mean([s.probabilities for s in song], axis=0) for song in songs])
+        classes = self.spec.classes
+        result = pd.DataFrame(table, columns=[probability_column(genre) for genre in classes])
+        result.insert(0, GENRE_COLUMN, [classes[i] for i in table.argmax(axis=1)])
+        result[WARNING_COLUMN] = warnings
+        if params.get(TIMELINE_PARAM):
+            result[TIMELINE_COLUMN] = [timeline_records(song, classes) for song in songs]
         return result
+
+
+def timeline_records(song: list[SegmentResult], classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The JSON of a song's timeline: per segment its span, genre and probabilities."""
+    return [
+        {
+            "start_s": round(segment.start_s, 3),
+            "end_s": round(segment.end_s, 3),
+            GENRE_COLUMN: classes[int(segment.probabilities.argmax())],
+            "probabilities": dict(zip(classes, segment.probabilities.tolist(), strict=True)),
+        }
+        for segment in song
+    ]
 
 
 def synthetic_example_clip(settings: FeatureSettings, seconds: float | None = None) -> bytes:
@@ -399,20 +707,17 @@ def package_dir() -> Path:
 def log_serving_model(
     spec: ServingSpec,
     classifier_uri: str,
-    max_upload_mb: float,
-    allow_audio_path: bool = True,
-    max_audio_seconds: float = 600.0,
+    limits: ServingLimits,
     name: str = SERVING_MODEL_NAME,
     input_example: bool = True,
     musicnn_weights: Path | None = None,
-    musicnn_batch_size: int = 16,
 ) -> mlflow.models.model.ModelInfo:
     """Log the serving pyfunc into the active run; returns its ModelInfo (`.model_uri`).
 
     `classifier_uri` is the native model (e.g. `models:/m-...` or `runs:/<id>/model`); MLflow
-    copies it into the pyfunc's artifacts, so the served model does not depend on the run. A
-    model on musicnn embeddings needs `musicnn_weights` (the checkpoint folder): its files and
-    licence notice are logged with the model.
+    copies it into the pyfunc's artifacts, so the served model does not depend on the run.
+    `limits` become its model config. A model on musicnn embeddings needs `musicnn_weights`
+    (the checkpoint folder): its files and licence notice are logged with the model.
     """
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(scratch) / "serving_spec.json"
@@ -430,12 +735,7 @@ def log_serving_model(
             name=name,
             python_model=str(Path(__file__).with_name("serving_model.py")),
             artifacts=artifacts,
-            model_config={
-                "max_upload_mb": float(max_upload_mb),
-                "allow_audio_path": bool(allow_audio_path),
-                "max_audio_seconds": float(max_audio_seconds),
-                "musicnn_batch_size": int(musicnn_batch_size),
-            },
+            model_config=limits.to_config(),
             signature=input_signature(spec.classes),
             input_example=example,
             code_paths=[str(package_dir())],
