@@ -221,8 +221,9 @@ def small_project(
         {
             "train.families": list(families),
             "evaluate.candidates": list(families),
-            # The synthetic tables are hand-crafted ones only.
+            # The synthetic tables are hand-crafted ones only, of no audio to fingerprint.
             "train.candidate_feature_sets": [],
+            "split.duplicates_file": None,
             "evaluate.families": list(families),
             **{f"train.{family}.n_trials": n_trials for family in families},
             **QUICK_BUDGETS,

@@ -123,13 +123,19 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     repo, _, first = pipeline
     families = E2E_FAMILIES
     assert _stages_run(first) == {
-        "fetch", "features", "pca", "split", "evaluate", "promote",
+        "fetch", "duplicates", "features", "pca", "split", "evaluate", "promote",
         *(f"train@{family}-handcrafted" for family in families),
         *(f"train_candidates@{family}-both" for family in E2E_CANDIDATES),
     }  # fmt: skip
 
     manifest = pd.read_csv(repo / "data/manifest.csv")
     assert len(manifest) == 70 and (manifest["status"] == "ok").all()
+    # Chromaprint finds no copies among the 70 real clips; the split checked for them.
+    grouped = pd.read_csv(repo / "data/duplicates.csv", keep_default_na=False)
+    assert len(grouped) == 70 and (grouped["duplicate_group"] == "").all()
+    split_summary = json.loads((repo / "data/split/summary.json").read_text())
+    assert split_summary["duplicate_groups"] == 0
+    assert split_summary["leakage"]["duplicate_groups_on_several_sides"] == 0
     assert len(pd.read_csv(repo / "data/features/features_30_sec.csv")) == 70
     assert len(pd.read_csv(repo / "data/features/features_3_sec.csv")) == 700
     assert len(pd.read_csv(repo / "data/features/musicnn_30_sec.csv")) == 70

@@ -14,6 +14,7 @@ from typing import Any
 # (fetch, predict) does not pay for TensorFlow's import.
 COMMANDS = {
     "fetch": ("gtzan_mlops.fetch", "fetch or generate the audio and write the manifest"),
+    "duplicates": ("gtzan_mlops.duplicates", "group the clips that are copies of one recording"),
     "features": ("gtzan_mlops.extract", "extract the 57 features per clip and per segment"),
     "pca": ("gtzan_mlops.pca", "2-D PCA scatter of the clip features"),
     "split": ("gtzan_mlops.split", "write the train/valid/test split and check it for leakage"),

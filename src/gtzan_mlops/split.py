@@ -36,6 +36,7 @@ import pandas as pd
 
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.duplicates import GROUP_COLUMN, read_groups
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,49 @@ def stratified_assignment(
     return subset
 
 
-def group_of_tracks(tracks: pd.DataFrame, artists: pd.DataFrame | None) -> pd.Series:
-    """The unit kept on one side for each track: its artist when known, else the track."""
-    if artists is None:
-        return tracks["track_id"].rename("unit")
-    artist_of = artists.set_index("track_id")["artist"]
-    known = tracks["track_id"].map(artist_of)
-    return ("artist:" + known.astype(str)).where(known.notna(), tracks["track_id"]).rename("unit")
+def group_of_tracks(
+    tracks: pd.DataFrame, artists: pd.DataFrame | None, duplicates: pd.DataFrame | None = None
+) -> pd.Series:
+    """The unit kept on one side for each track: the tracks linked by a shared artist or a
+    duplicate group (duplicates.py), transitively. A unit is named after its artist when it
+    has one (`artist:<name>`, the first by name), else its duplicate group, else the track."""
+    ids = tracks["track_id"].astype(str).tolist()
+    parent = {track: track for track in ids}
+
+    def root(track: str) -> str:
+        while parent[track] != track:
+            parent[track] = parent[parent[track]]
+            track = parent[track]
+        return track
+
+    labels: dict[str, list[str]] = {}  # track -> artist and group labels linking it
+    for table, column, prefix in ((artists, "artist", "artist:"), (duplicates, GROUP_COLUMN, "")):
+        if table is None:
+            continue
+        for track, value in zip(table["track_id"], table[column], strict=True):
+            if track in parent:
+                labels.setdefault(track, []).append(f"{prefix}{value}")
+    first_of: dict[str, str] = {}
+    for track, linked in labels.items():
+        for label in linked:
+            if label in first_of:
+                a, b = root(track), root(first_of[label])
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first_of[label] = track
+    names: dict[str, str] = {}
+    for track, linked in labels.items():
+        component = root(track)
+        names[component] = min([names.get(component, "~"), *linked], key=_unit_order)
+    return pd.Series(
+        [names.get(root(track), track) for track in ids], index=tracks.index, name="unit"
+    )
+
+
+def _unit_order(label: str) -> tuple[int, str]:
+    """Artists name a unit before duplicate groups ("~" marks no name yet)."""
+    return (0 if label.startswith("artist:") else 1 if label != "~" else 2, label)
 
 
 def assign_groups(
@@ -111,10 +148,12 @@ def assign_groups(
     test_size: float,
     seed: int,
     artists: pd.DataFrame | None,
+    duplicates: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """track_id, genre, subset: whole songs (or artists) per subset, stratified by genre."""
+    """track_id, genre, subset: whole songs (with their artist's songs and their duplicates)
+    per subset, stratified by genre."""
     units = tracks[["track_id", "genre"]].copy()
-    units["unit"] = group_of_tracks(tracks, artists).to_numpy()
+    units["unit"] = group_of_tracks(tracks, artists, duplicates).to_numpy()
     # A group spanning several genres is stratified under its most frequent one.
     per_unit = units.groupby("unit")["genre"].agg(lambda genres: genres.mode().iloc[0])
     unit_table = per_unit.reset_index()
@@ -199,22 +238,38 @@ def assign_filtered(
     return assigned.sort_values("track_id").reset_index(drop=True), missing, unlisted
 
 
-def leakage(assignments: pd.DataFrame, artists: pd.DataFrame | None) -> dict[str, list[str]]:
-    """Songs (and artists, where known) found in more than one subset."""
+def leakage(
+    assignments: pd.DataFrame,
+    artists: pd.DataFrame | None,
+    duplicates: pd.DataFrame | None = None,
+) -> dict[str, list[str]]:
+    """Songs (and artists, where known, and duplicate groups) found in more than one subset; a
+    group is listed with its clips and their subsets."""
     sides = assignments.groupby("track_id")["subset"].nunique()
     found = {"tracks": sorted(sides[sides > 1].index)}
     if artists is not None:
         with_artist = assignments.merge(artists[["track_id", "artist"]], on="track_id")
         artist_sides = with_artist.groupby("artist")["subset"].nunique()
         found["artists"] = sorted(map(str, artist_sides[artist_sides > 1].index))
+    if duplicates is not None:
+        grouped = assignments.merge(duplicates[["track_id", GROUP_COLUMN]], on="track_id")
+        found["duplicate_groups"] = []
+        for group, members in grouped.groupby(GROUP_COLUMN, sort=True):
+            if members["subset"].nunique() > 1:
+                where = members.drop_duplicates(["track_id", "subset"])
+                clips = ", ".join(f"{row.track_id} in {row.subset}" for row in where.itertuples())
+                found["duplicate_groups"].append(f"{group} ({clips})")
     return found
 
 
 def check_leakage(
-    assignments: pd.DataFrame, strategy: Strategy, artists: pd.DataFrame | None
+    assignments: pd.DataFrame,
+    strategy: Strategy,
+    artists: pd.DataFrame | None,
+    duplicates: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The leakage found; raises LeakageError if the strategy must not leak but does."""
-    found = leakage(assignments, artists)
+    found = leakage(assignments, artists, duplicates)
     if not strategy.leaky and any(found.values()):
         offending = "; ".join(f"{kind}: {', '.join(ids)}" for kind, ids in found.items() if ids)
         raise LeakageError(
@@ -263,14 +318,20 @@ def make_split(
     valid_size = float(stage.get("valid_size", 0.2))
     test_size = float(stage.get("test_size", 0.3))
     artists = read_artists(stage.get("artists_file"), root)
-    extra: dict[str, Any] = {}
+    duplicates_file = stage.get("duplicates_file")
+    duplicates = read_groups(resolve_path(duplicates_file, root)) if duplicates_file else None
+    extra: dict[str, Any] = {
+        "duplicate_groups": (
+            int(duplicates[GROUP_COLUMN].nunique()) if duplicates is not None else "not checked"
+        )
+    }
 
     if name == "clip_stratified":
         level = "clip"
-        assignments = assign_groups(clips, valid_size, test_size, seed, artists)
+        assignments = assign_groups(clips, valid_size, test_size, seed, artists, duplicates)
     elif name == "song_grouped":
         level = "segment"
-        assignments = assign_groups(clips, valid_size, test_size, seed, artists)
+        assignments = assign_groups(clips, valid_size, test_size, seed, artists, duplicates)
     elif name == "random_segments":
         level = "segment"
         assignments = assign_segments(segments, valid_size, test_size, seed)
@@ -299,12 +360,12 @@ def make_split(
             raise ConfigError(
                 "no available clip is named in the artist-filtered lists (is the data GTZAN?)"
             )
-        extra = {"missing_from_audio": missing, "available_but_unlisted": unlisted}
+        extra.update(missing_from_audio=missing, available_but_unlisted=unlisted)
     if level not in ("clip", "segment"):
         raise ConfigError(f"split.artist_filtered.level must be clip or segment, got {level!r}")
 
     summary = summarise(assignments, strategy, level, seed)
-    summary["leakage"] = check_leakage(assignments, strategy, artists)
+    summary["leakage"] = check_leakage(assignments, strategy, artists, duplicates)
     summary.update(extra)
     return assignments, summary
 
