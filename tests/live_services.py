@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import requests
 import yaml
 
@@ -325,3 +326,41 @@ def postgres_server(databases: list[str]) -> Iterator[str]:
             with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
                 run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian package `chromium` (.ci/system-packages.sh)
+# A fresh profile (user_data_dir) per test, and nothing that phones home: this machine's network
+# refuses background connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+
+
+@contextlib.contextmanager
+def chromium_page(tmp_path: Path, timeout_ms: float = 60_000) -> Iterator:
+    """A page of headless Chromium (the Debian build, driven by Playwright) on a fresh profile."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `bash .ci/system-packages.sh`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1600, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            context.close()

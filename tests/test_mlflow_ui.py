@@ -15,23 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from live_services import clean_env, mlflow_server, run_stage, small_project
+from live_services import chromium_page, clean_env, mlflow_server, run_stage, small_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian package `chromium` (.ci/system-packages.sh)
-# A fresh profile (user_data_dir) per test, and nothing that phones home: this machine's network
-# refuses background connections.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 PAGE_TIMEOUT_MS = 60_000  # a 2-core CI machine renders the React app slowly
 
 FAMILIES = ["knn", "logistic_regression"]  # cheap families: the UI is under test, not the models
@@ -71,25 +58,8 @@ def documented_ui_options(repo_root: Path, project: Path) -> list[str]:
 
 @pytest.fixture
 def browser_page(tmp_path: Path) -> Iterator:
-    """A page of headless Chromium (the Debian build, driven by Playwright) on a fresh profile."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install it with `bash .ci/system-packages.sh`")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 1000},
-        )
-        try:
-            page = context.new_page()
-            page.set_default_timeout(PAGE_TIMEOUT_MS)
-            yield page
-        finally:
-            context.close()
+    with chromium_page(tmp_path, PAGE_TIMEOUT_MS) as page:
+        yield page
 
 
 def link(page, name: str):

@@ -23,6 +23,7 @@ COMMANDS = {
     "promote": ("gtzan_mlops.promote", "register the best model and move the champion alias"),
     "predict": ("gtzan_mlops.predict", "classify audio files with the champion model"),
     "serve": ("gtzan_mlops.serve", "serve the champion with `mlflow models serve`"),
+    "listen": ("gtzan_mlops.listen", "a local page to try the champion on a song"),
     "report": ("gtzan_mlops.report", "reproduce the published accuracy table, honestly split"),
 }
 
