@@ -442,6 +442,28 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
     assert most[0] == 2
 
 
+def test_work_stops_at_the_servers_request_timeout(served, clip, monkeypatch):
+    """Past MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT the client has had its 504: the work stops
+    (503), and a request that cannot get a decoding slot in time is told the server is busy."""
+    _, model = served
+    rows = pd.DataFrame({BASE64_COLUMN: [_base64(clip)]})
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0")
+    with pytest.raises(MlflowException, match="longer than the server's request timeout") as late:
+        model.predict(rows)
+    assert late.value.get_http_status_code() == 503
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0.2")
+    busy = mlflow.pyfunc.load_model(served[0], model_config={"max_concurrent_decodes": 1})
+    slots = busy.unwrap_python_model()._decoding
+    slots.acquire()  # another request holds the only slot
+    try:
+        with pytest.raises(MlflowException, match="the server is busy") as refused:
+            busy.predict(rows)
+        assert refused.value.get_http_status_code() == 429
+    finally:
+        slots.release()
+
+
 # --- the quality gates of the pipeline, at serving time ---------------------------------------
 
 

@@ -69,6 +69,7 @@ from mlflow.protos.databricks_pb2 import (
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
     REQUEST_LIMIT_EXCEEDED,
+    TEMPORARILY_UNAVAILABLE,
 )
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from threadpoolctl import threadpool_limits
@@ -399,14 +400,18 @@ class RequestTimeout(Exception):
     """The request ran past the scoring server's timeout: its work stops (HTTP 503)."""
 
 
+class ServerBusy(RequestTimeout):
+    """No decoding slot came free before the request's timeout (HTTP 429)."""
+
+
 def _request_deadline() -> float | None:
     """When the scoring server gives up on a request (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
     set by `mlflow models serve`): work on it stops then rather than running on unseen."""
-    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-
-    if not MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.defined:
+    seconds = os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
+    try:
+        return time.monotonic() + float(seconds) if seconds else None
+    except ValueError:
         return None
-    return time.monotonic() + float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
 
 
 _PATH_REFUSAL = (
@@ -541,7 +546,7 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         """Decode and classify one row, at most max_concurrent_decodes at once; its warning."""
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._decoding.acquire(timeout=-1 if wait is None else wait):
-            raise RequestTimeout("the server is busy: too many songs are being decoded")
+            raise ServerBusy("the server is busy: too many songs are being decoded; retry later")
         try:
             with row.open() as handle:
                 decoded = decode_audio(handle, row.name, self.limits.decode)
@@ -576,8 +581,10 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
             return self._predict(model_input, params or {})
         except MlflowException:
             raise
-        except RequestTimeout as error:
+        except ServerBusy as error:
             raise MlflowException(str(error), error_code=REQUEST_LIMIT_EXCEEDED) from None
+        except RequestTimeout as error:
+            raise MlflowException(str(error), error_code=TEMPORARILY_UNAVAILABLE) from None
         except Exception:
             # The trace stays in the server's log: a response never carries it, nor paths.
             _log.exception("unexpected error while classifying a request")
