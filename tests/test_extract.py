@@ -232,3 +232,53 @@ def test_pool_workers_on_a_fresh_jit_cache_leave_it_usable(tmp_path, gtzan_mini)
     np.testing.assert_allclose(
         json.loads(later.stdout.splitlines()[-1]), json.loads(lines[-1]), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_stopping_the_stage_ends_its_workers(tmp_path, gtzan_mini, stop):
+    """However the features stage is stopped, its pool's workers end with it."""
+    import signal
+    import time
+
+    import psutil
+    import yaml
+
+    rows = []
+    for source in sorted((gtzan_mini / "genres").glob("*/*.wav"))[:24]:
+        link = tmp_path / "data/raw/genres" / source.parent.name / source.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source)
+        rows.append(_manifest_row(link, tmp_path, source.parent.name))
+    pd.DataFrame(rows).to_csv(tmp_path / "data/manifest.csv", index=False)
+    params = {
+        "features": {
+            "sample_rate": SAMPLE_RATE, "n_fft": 2048, "hop_length": 512, "n_mfcc": 20,
+            "clip_seconds": 30.0, "segment_seconds": 3.0, "last_segment_min_fraction": 0.99,
+            "workers": 2, "chunksize": 1,
+        }
+    }  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "gtzan_mlops", "features", "--params", "params.yaml"]
+    stage = subprocess.Popen(
+        command,
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[psutil.Process] = []
+        while len(workers) < 2:
+            assert time.monotonic() < deadline and stage.poll() is None, "no workers started"
+            workers = [
+                child
+                for child in psutil.Process(stage.pid).children()
+                if "spawn_main" in " ".join(child.cmdline())
+            ]
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers are extracting
+        stage.send_signal(getattr(signal, stop))
+        stage.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers left after {stop} of the stage: {[p.pid for p in alive]}"
+    finally:
+        if stage.poll() is None:
+            stage.kill()

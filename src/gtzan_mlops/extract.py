@@ -16,6 +16,8 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
+import time
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -135,7 +137,31 @@ def _save_cached(path: Path, extracted: ExtractedSets) -> None:
     partial.replace(path)  # atomic: an interrupted write never leaves a readable partial entry
 
 
-def _worker_init(embeds: bool) -> None:
+def _end_with_parent(parent: int) -> None:
+    """End this worker when the stage that started it ends, however it ends (SIGKILL leaves no
+    chance to stop the pool): Linux kills it with the parent (PR_SET_PDEATHSIG); elsewhere, or
+    if the parent died before that was set, a watchdog thread notices the new parent."""
+    import ctypes
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+
+
+def _worker_init(embeds: bool, parent: int) -> None:
+    _end_with_parent(parent)
     # One process per core already uses every core: BLAS and TensorFlow threads inside each
     # would oversubscribe. TensorFlow's pools must be sized before its first op.
     from threadpoolctl import threadpool_limits
@@ -199,7 +225,7 @@ def extract_all(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),  # no forked copies of a threaded parent
         initializer=_worker_init,
-        initargs=(settings.musicnn_weights is not None,),
+        initargs=(settings.musicnn_weights is not None, os.getpid()),
     ) as pool:
         pending = {pool.submit(_run_chunk, chunk, settings): chunk for chunk in chunks}
         try:
