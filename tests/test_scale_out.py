@@ -91,7 +91,7 @@ def test_two_workers_record_every_trial_once_on_a_postgres_backed_server(tmp_pat
             assert model.artifact_location.startswith("mlflow-artifacts:"), model
             stored = {path.name for path in artifacts.rglob("*") if path.is_file()}
             assert {"MLmodel", "confusion_test.png", "history.csv"} <= stored, sorted(stored)
-    for local_store in ("mlruns", "optuna", "mlartifacts"):
+    for local_store in ("mlruns", "optuna-journals", "mlartifacts"):
         assert not (project / local_store).exists(), f"{local_store}/ created in the project"
 
 

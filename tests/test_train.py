@@ -20,13 +20,13 @@ from gtzan_mlops.features import FEATURE_NAMES
 
 
 def make_project(folder: Path, repo_root: Path, n_trials: int = 2) -> Path:
-    """A project with every family, the default stores (mlruns/, optuna/) inside it."""
+    """A project with every family, the default stores (mlruns/, optuna-journals/) inside it."""
     return small_project(folder, repo_root, list(models.FAMILIES), n_trials)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root):
-    """One project for the module, with the default stores (mlruns/, optuna/) inside it."""
+    """One project for the module, with the default stores (mlruns/, optuna-journals/) inside it."""
     folder = make_project(tmp_path_factory.mktemp("train") / "project", repo_root)
     with pytest.MonkeyPatch.context() as patch:
         for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT", "DVC_EXP_NAME"):

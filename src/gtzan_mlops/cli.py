@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def progress_off(show_progress: bool) -> bool | None:
+    """tqdm's `disable`: None draws bars on a terminal only, never into a log (dvc repro's)."""
+    return None if show_progress else True
+
+
 def stage_main(
     name: str,
     description: str | None,
@@ -66,7 +71,8 @@ def stage_main(
 
     parser = argparse.ArgumentParser(
         prog=f"gtzan-mlops {name}",
-        description=description,
+        # The first paragraph of the stage's docstring: what it does, not how.
+        description=description.strip().split("\n\n")[0] if description else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if arguments is not None:

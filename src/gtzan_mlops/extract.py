@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from gtzan_mlops import feature_sets, musicnn
 from gtzan_mlops.audio import AudioError, decode_mono
-from gtzan_mlops.cli import stage_main
+from gtzan_mlops.cli import progress_off, stage_main
 from gtzan_mlops.config import resolve_path
 from gtzan_mlops.feature_sets import ExtractedSets, ExtractionSettings, extract_sets
 from gtzan_mlops.features import (
@@ -335,7 +335,9 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
     skipped_in_manifest = int((manifest["status"] != "ok").sum())
 
     results = []
-    progress = tqdm(total=len(jobs), desc="features", unit="clip", disable=not show_progress)
+    progress = tqdm(
+        total=len(jobs), desc="features", unit="clip", disable=progress_off(show_progress)
+    )
     with progress:
         for result in extract_all(jobs, settings, workers, int(stage.get("chunksize", 1))):
             if result.error:

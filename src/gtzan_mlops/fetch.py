@@ -48,7 +48,7 @@ from gtzan_mlops.audio import (
     inspect_audio,
     quality_problems,
 )
-from gtzan_mlops.cli import stage_main
+from gtzan_mlops.cli import progress_off, stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, section
 from gtzan_mlops.tracking import file_digest
 
@@ -528,7 +528,7 @@ def _transfer(url: str, part: Path, timeout_s: float, show_progress: bool) -> No
             unit="B",
             unit_scale=True,
             desc=part.name.removesuffix(".part"),
-            disable=not show_progress,
+            disable=progress_off(show_progress),
         )
         with open(part, mode) as handle, progress:
             try:
@@ -744,7 +744,9 @@ def build_manifest(
     rows = []
     with (
         ThreadPoolExecutor(max(1, workers)) as pool,
-        tqdm(total=len(paths), desc="manifest", unit="clip", disable=not show_progress) as bar,
+        tqdm(
+            total=len(paths), desc="manifest", unit="clip", disable=progress_off(show_progress)
+        ) as bar,
     ):
         for row in pool.map(inspect, paths):
             rows.append(row)

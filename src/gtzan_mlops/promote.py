@@ -47,6 +47,7 @@ from gtzan_mlops.evaluate import (
 )
 from gtzan_mlops.features import FeatureSettings
 from gtzan_mlops.serving import ServingLimits
+from gtzan_mlops.tracking import module_closure
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,9 @@ DIFFERENT_DATA = "champion evaluated on different data"
 # Scores are means over a few songs: two equal ones computed in another order can differ in the
 # last bits, and 0.85 - 0.80 < 0.05 in floating point. Differences within this are ties.
 SCORE_TOLERANCE = 1e-9
-# What the served model runs besides its classifier: a change here is a new serving model.
-SERVING_MODULES = (
-    "serving.py",
-    "serving_model.py",
-    "features.py",
-    "feature_sets.py",
-    "musicnn.py",
-    "audio.py",
-    "models.py",
-    "config.py",
-)
+# What the served model runs besides its classifier (its entry file and all it imports): a
+# change here is a new serving model.
+SERVING_MODULES = module_closure("serving_model")
 
 
 @dataclass(frozen=True)

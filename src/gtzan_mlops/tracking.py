@@ -2,7 +2,7 @@
 
 MLflow: `MLFLOW_TRACKING_URI` wins; otherwise a SQLite file `mlruns/mlflow.db` with artifacts in
 `mlruns/artifacts/`, both under the *store root*. Optuna: `OPTUNA_STORAGE` (an RDB URL) wins;
-otherwise one journal file per family under `optuna/`, which is safe for several processes.
+otherwise one journal file per family under `optuna-journals/`, which is safe for several processes.
 
 The store root is the repository DVC runs in. `dvc exp run --queue`/`--temp` run a stage in a
 temporary copy under `.dvc/tmp/exps/` and set `DVC_ROOT` to the real repository, so runs and
@@ -24,12 +24,13 @@ from gtzan_mlops.config import find_repo_root
 TRACKING_DIR = "mlruns"
 DATABASE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
-OPTUNA_DIR = "optuna"
+# Not "optuna": a folder of that name at the root makes ruff sort `import optuna` as first-party.
+OPTUNA_DIR = "optuna-journals"
 
 
 def store_root(root: Path | None = None) -> Path:
-    """The repository whose `mlruns/` and `optuna/` hold the runs: DVC's root when DVC runs us
-    (the real repository, also from an experiment's temporary copy), else `root`."""
+    """The repository whose `mlruns/` and `optuna-journals/` hold the runs: DVC's root when DVC
+    runs us (the real repository, also from an experiment's temporary copy), else `root`."""
     dvc_root = os.environ.get("DVC_ROOT")
     if dvc_root:
         return Path(dvc_root).resolve()
@@ -110,7 +111,7 @@ def optuna_storage(family: str, root: Path | None = None, configured: str | None
     """Optuna storage for `family`: `OPTUNA_STORAGE`, then `configured` (params
     `train.optuna_storage`), each an RDB URL such as postgresql+psycopg2://host/db (the driver
     installed; SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3); else a journal file
-    `optuna/<family>.journal`, which several local processes can share (file lock)."""
+    `optuna-journals/<family>.journal`, which several local processes can share (file lock)."""
     url = os.environ.get("OPTUNA_STORAGE") or configured
     if url:
         return url
@@ -137,6 +138,40 @@ def source_digest(*modules: str) -> str:
     for module in modules:
         digest.update((package / module).read_bytes())
     return digest.hexdigest()
+
+
+def module_closure(*modules: str) -> tuple[str, ...]:
+    """The source files of this package that the named modules (e.g. "train") import, directly
+    or not, themselves included, sorted: what a stage's outcome depends on. Read from the code
+    (every `import`, also inside functions), so the list cannot drift from it; dvc.yaml's deps
+    are checked against it by tests/test_code_shape.py."""
+    import ast
+
+    package = Path(__file__).resolve().parent
+    seen: set[str] = set()
+    pending = list(modules)
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse((package / f"{module}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module == __package__:
+                names = [alias.name for alias in node.names]  # from gtzan_mlops import x
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                f"{__package__}."
+            ):
+                names = [node.module.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                names = [
+                    alias.name.split(".")[1]
+                    for alias in node.names
+                    if alias.name.startswith(f"{__package__}.")
+                ]
+            pending += [name for name in names if (package / f"{name}.py").is_file()]
+    return tuple(sorted(f"{module}.py" for module in seen))
 
 
 def git_commit(root: Path | None = None) -> str | None:

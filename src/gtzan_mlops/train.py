@@ -13,7 +13,7 @@ A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its n
    settings (`train.<family>.defaults`). Keras and XGBoost report every epoch (or few boosting
    rounds) and the median pruner stops hopeless trials.
 3. The study lives in persistent storage that several processes can share (journal files under
-   `optuna/`, or an RDB given by `OPTUNA_STORAGE`), named after everything that decides its
+   `optuna-journals/`, or an RDB given by `OPTUNA_STORAGE`), named after everything that decides its
    trials: family, search space, seed, objective, the data and split files (sha256) and the
    training code. So rerunning the stage after an interruption finishes the same study, raising
    `n_trials` adds trials to it, and changing anything else starts a new one.
@@ -190,10 +190,8 @@ class FamilySettings:
 
 
 def code_fingerprint() -> str:
-    """sha256 of the modules that decide a trial's outcome."""
-    return tracking.source_digest(
-        "train.py", "models.py", "evaluate.py", "split.py", "features.py", "feature_sets.py"
-    )
+    """sha256 of the modules that decide a trial's outcome: everything the stage imports."""
+    return tracking.source_digest(*tracking.module_closure("train"))
 
 
 def study_name(settings: FamilySettings, data: TrainingData) -> str:
