@@ -172,7 +172,7 @@ def synthetic_test_data(
 ):
     """TestData of the synthetic tables' test songs (what evaluate.load_test_data returns from
     real files), plus the training rows of each level."""
-    from gtzan_mlops.evaluate import TestData
+    from gtzan_mlops.split_data import TestData
 
     clips, segments = synthetic_tables()
     test = {

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import soundfile
 
-from gtzan_mlops import duplicates, fetch, split
+from gtzan_mlops import duplicates, fetch, split, split_data
 from gtzan_mlops.config import load_params
 
 GENRES = (
@@ -64,7 +64,7 @@ def copies_project(tmp_path_factory, gtzan_mini, params):
 def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_project):
     root, summary = copies_project
     clips = pd.read_csv(root / duplicates.CLIPS_TABLE, dtype=str, keep_default_na=False)
-    group_of = dict(zip(clips["track_id"], clips[duplicates.GROUP_COLUMN], strict=True))
+    group_of = dict(zip(clips["track_id"], clips[split_data.GROUP_COLUMN], strict=True))
     assert group_of[ORIGINAL] == f"dup:{ORIGINAL}"
     for copy, how in COPIES.items():
         assert group_of[copy] == group_of[ORIGINAL], how
@@ -84,7 +84,7 @@ def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_pro
 
 def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
     root, _ = copies_project
-    groups = duplicates.read_groups(root / duplicates.CLIPS_TABLE)
+    groups = split_data.read_groups(root / duplicates.CLIPS_TABLE)
     # The copies among all 1000 GTZAN track ids, so that the split has songs to spread.
     tracks = pd.read_csv(reference_table, usecols=["filename", "label"])
     tracks = pd.DataFrame(
@@ -105,7 +105,7 @@ def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
 
 def test_the_leakage_check_fails_on_a_split_that_separates_a_group(copies_project):
     root, _ = copies_project
-    groups = duplicates.read_groups(root / duplicates.CLIPS_TABLE)
+    groups = split_data.read_groups(root / duplicates.CLIPS_TABLE)
     assignments = pd.DataFrame(
         {
             "track_id": [ORIGINAL, *COPIES, SAME_ARTIST],

@@ -19,17 +19,11 @@ from mlflow_helpers import (
 )
 
 from gtzan_mlops.config import ConfigError
-from gtzan_mlops.evaluate import (
-    EvaluationError,
-    choose_winner,
-    evaluate_records,
-    load_family_record,
-    score_classifier,
-    selection_metric,
-    song_probabilities,
-    split_label,
-)
+from gtzan_mlops.evaluate import choose_winner, evaluate_records, selection_metric
 from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.records import load_family_record
+from gtzan_mlops.scoring import EvaluationError, score_classifier, song_probabilities
+from gtzan_mlops.split_data import split_label
 
 
 @pytest.fixture(scope="module")

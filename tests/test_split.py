@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from live_services import GENRES, synthetic_feature_tables
 
-from gtzan_mlops import split
+from gtzan_mlops import split, split_data
 from gtzan_mlops.config import ConfigError
-from gtzan_mlops.evaluate import split_label
+from gtzan_mlops.split_data import split_label
 
 SONGS_PER_GENRE = 10
 
@@ -40,7 +40,7 @@ def test_grouped_strategies_keep_songs_whole_and_stratify(tables, tmp_path, stra
     assert (counts["test"] == 3).all() and (counts["valid"] == 1).all()
     assert (counts["train"] == 6).all()
     assert assignments["track_id"].is_unique
-    segments = split.attach_subsets(tables[1], assignments)
+    segments = split_data.attach_subsets(tables[1], assignments)
     assert segments.groupby("track_id")["subset"].nunique().max() == 1
 
 
@@ -76,10 +76,10 @@ def test_random_segments_is_labelled_leaky_and_its_leak_is_measured(tables, tmp_
     assert list(assignments.columns) == ["track_id", "segment", "genre", "subset"]
     # Segments of most songs land on several sides: the reason this split is leaky.
     assert summary["leakage"]["tracks_on_several_sides"] > len(GENRES) * SONGS_PER_GENRE / 2
-    with_subsets = split.attach_subsets(tables[1], assignments)
+    with_subsets = split_data.attach_subsets(tables[1], assignments)
     assert with_subsets["subset"].notna().all()
     # A clip table cannot be split by segment: no clip gets a subset.
-    assert split.attach_subsets(tables[0], assignments)["subset"].isna().all()
+    assert split_data.attach_subsets(tables[0], assignments)["subset"].isna().all()
 
 
 def test_leakage_check_fails_a_non_leaky_split_with_the_ids(tables, tmp_path):
@@ -125,7 +125,7 @@ def test_artist_filtered_lists_on_the_real_clips(gtzan_mini, shared_dir, tmp_pat
     )
     lists_dir = shared_dir / "data" / "gtzan_splits"
     lists = split.read_filtered_lists(lists_dir)
-    assert [len(lists[subset]) for subset in split.SUBSETS] == [443, 197, 290]
+    assert [len(lists[subset]) for subset in split_data.SUBSETS] == [443, 197, 290]
 
     assignments, summary = split.make_split(
         tracks,
@@ -167,10 +167,12 @@ def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
     clips.to_csv(features / "features_30_sec.csv", index=False)
     segments.to_csv(features / "features_3_sec.csv", index=False)
     summary = split.run({"split": {"strategy": "song_grouped"}}, tmp_path)
-    assignments, written = split.load_split(tmp_path / "data" / "split")
+    assignments, written = split_data.load_split(tmp_path / "data" / "split")
     assert written == json.loads(json.dumps(summary))
     assert len(assignments) == len(clips)
     # Four songs per genre: every subset still gets one of each genre.
-    assert all(len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in split.SUBSETS)
+    assert all(
+        len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in split_data.SUBSETS
+    )
     with pytest.raises(ConfigError, match=r"split\.strategy must be one of"):
         split.run({"split": {"strategy": "by_mood"}}, tmp_path)

@@ -37,6 +37,7 @@ import pandas as pd
 from gtzan_mlops.audio import AudioError, decode_mono
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, section
+from gtzan_mlops.split_data import GROUP_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ PAIRS_TABLE = "data/duplicate_pairs.csv"
 REPORT = "reports/duplicates/duplicates.md"
 CLIP_COLUMNS = ("track_id", "genre", "path", "samples_sha256", "fingerprint_items", "problem")
 PAIR_COLUMNS = ("track_a", "track_b", "match", "similarity", "offset_s")
-GROUP_COLUMN = "duplicate_group"
 # Chromaprint's default algorithm: 11025 Hz, frames of 4096 samples every 4096/3.
 ITEM_SECONDS = 4096 / 3 / 11025
 
@@ -292,17 +292,6 @@ def report_markdown(clips: pd.DataFrame, pairs: pd.DataFrame, settings: MatchSet
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def read_groups(path: Path) -> pd.DataFrame:
-    """track_id, duplicate_group of the clips that have duplicates (the split stage's input)."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (run the duplicates stage)") from None
-    if not {"track_id", GROUP_COLUMN} <= set(table.columns):
-        raise ConfigError(f"{path}: needs the columns track_id and {GROUP_COLUMN}")
-    return table.loc[table[GROUP_COLUMN] != "", ["track_id", GROUP_COLUMN]]
 
 
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:

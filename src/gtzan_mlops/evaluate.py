@@ -22,147 +22,33 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score
 
 from gtzan_mlops import feature_sets
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.records import (
+    EVALUATION_FILE,
+    load_family_record,
+    record_feature_set,
+    record_model,
+    stale_reason,
+)
+from gtzan_mlops.scoring import (
+    METRICS,
+    TEST_SUBSET,
+    EvaluationError,
+    FamilyEvaluation,
+    score_classifier,
+)
+from gtzan_mlops.split_data import TestData, load_test_data, split_label
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("clip", "segment")
-METRICS = ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1")
-TEST_SUBSET = "test"
-EVALUATION_FILE = "evaluation.json"  # in evaluate.reports_dir: every family's test metrics
 MODELS_FILE = "models.csv"  # beside it: one row per model, family x feature set
-RECORD_KEYS = ("family", "flavor", "model_uri", "level", "classes", "feature_settings")
-
-
-class EvaluationError(ValueError):
-    """Evaluation cannot proceed; the message says which input is wrong and why."""
-
-
-@dataclass
-class FamilyEvaluation:
-    """Test scores of one family, and the per-song outcomes behind them."""
-
-    family: str
-    level: str
-    metrics: dict[str, float]
-    actual: list[str] = field(default_factory=list)  # per row (clip or segment)
-    predicted: list[str] = field(default_factory=list)
-    song_actual: list[str] = field(default_factory=list)
-    song_predicted: list[str] = field(default_factory=list)
-    per_class_f1: dict[str, float] = field(default_factory=dict)
-
-
-def split_label(summary: dict[str, Any]) -> str:
-    """The split's label as reported next to every number; a leaky split always says so."""
-    label = str(summary.get("label") or summary.get("strategy") or "unnamed-split")
-    if summary.get("leaky") and "leaky" not in label.lower():
-        label = f"{label}-leaky"
-    return label
-
-
-def load_family_record(path: Path) -> dict[str, Any]:
-    """A training stage's `data/train/<family>.json`, checked for what evaluation needs."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise EvaluationError(f"{path}: no such file (was the family trained?)") from error
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{path}: not valid JSON ({error})") from error
-    missing = [key for key in RECORD_KEYS if key not in record]
-    if missing:
-        raise EvaluationError(f"{path}: missing {', '.join(missing)}")
-    if record["level"] not in LEVELS:
-        raise EvaluationError(f"{path}: level must be one of {LEVELS}, got {record['level']!r}")
-    return record
-
-
-def song_probabilities(
-    track_ids: pd.Series | np.ndarray, probabilities: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per track (sorted): the mean of its rows' probabilities, as the served model votes."""
-    frame = pd.DataFrame(np.asarray(probabilities, dtype=np.float64))
-    frame["track_id"] = np.asarray(track_ids)
-    means = frame.groupby("track_id", sort=True).mean()
-    return means.index.to_numpy(), means.to_numpy()
-
-
-def classification_metrics(actual: list[str], predicted: list[str]) -> dict[str, float]:
-    """Accuracy and macro F1 (over the genres present in `actual` or `predicted`)."""
-    return {
-        "accuracy": float(accuracy_score(actual, predicted)),
-        "macro_f1": float(f1_score(actual, predicted, average="macro", zero_division=0)),
-    }
-
-
-def per_class_f1(actual: list[str], predicted: list[str], classes: list[str]) -> dict[str, float]:
-    scores = f1_score(actual, predicted, labels=classes, average=None, zero_division=0)
-    return {genre: float(score) for genre, score in zip(classes, scores, strict=True)}
-
-
-def score_classifier(
-    classifier: Any,
-    level: str,
-    classes: list[str] | tuple[str, ...],
-    columns: list[str],
-    rows: pd.DataFrame,
-    family: str = "",
-    subset: str = TEST_SUBSET,
-) -> FamilyEvaluation:
-    """Metrics of a classifier on the rows of one subset at its level (`track_id`, `genre`, the
-    feature `columns`), named `<subset>_<metric>`.
-
-    `classes` is the order of the classifier's probability columns; labels are compared by
-    name, so a model with another class order is scored correctly.
-    """
-    if rows.empty:
-        raise EvaluationError(f"{family or 'model'}: the {subset} set holds no {level} rows")
-    absent = [name for name in columns if name not in rows.columns]
-    if absent:
-        raise EvaluationError(f"{family}: {subset} features lack columns {absent[:3]}...")
-    probabilities = np.asarray(classifier.predict_proba(rows[columns]), dtype=np.float64)
-    if probabilities.shape != (len(rows), len(classes)):
-        raise EvaluationError(
-            f"{family}: predict_proba returned shape {probabilities.shape}, expected "
-            f"({len(rows)}, {len(classes)})"
-        )
-    names = np.asarray(list(classes))
-    actual = rows["genre"].astype(str).tolist()
-    predicted = names[probabilities.argmax(axis=1)].tolist()
-    metrics = classification_metrics(actual, predicted)
-
-    tracks, song_probs = song_probabilities(rows["track_id"], probabilities)
-    genre_of_track = rows.groupby("track_id", sort=True)["genre"].first()
-    song_actual = genre_of_track.loc[tracks].astype(str).tolist()
-    song_predicted = names[song_probs.argmax(axis=1)].tolist()
-    song = classification_metrics(song_actual, song_predicted)
-    result = {
-        f"{subset}_accuracy": metrics["accuracy"],
-        f"{subset}_macro_f1": metrics["macro_f1"],
-        f"{subset}_song_accuracy": song["accuracy"],
-        f"{subset}_song_macro_f1": song["macro_f1"],
-        f"{subset}_items": len(rows),
-        f"{subset}_songs": len(tracks),
-    }
-    return FamilyEvaluation(
-        family=family,
-        level=level,
-        metrics=result,
-        actual=actual,
-        predicted=predicted,
-        song_actual=song_actual,
-        song_predicted=song_predicted,
-        per_class_f1=per_class_f1(song_actual, song_predicted, list(classes)),
-    )
 
 
 def choose_winner(
@@ -181,87 +67,6 @@ def choose_winner(
     return max(scored, key=lambda name: (evaluations[name][metric], -scored.index(name)))
 
 
-@dataclass
-class TestData:
-    """The test rows of the active split per (feature set, level), and the sha256 of the tables
-    they come from. Read from `features_dir` when first asked for, unless given in `tables` and
-    `digests` (in memory)."""
-
-    summary: dict[str, Any]
-    split_sha256: str
-    tables: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
-    digests: dict[tuple[str, str], str] = field(default_factory=dict)
-    features_dir: Path | None = None
-    assignments: pd.DataFrame | None = None
-
-    def rows(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> pd.DataFrame:
-        from gtzan_mlops import split
-
-        key = (feature_set, level)
-        if key not in self.tables:
-            if self.features_dir is None or self.assignments is None:
-                raise EvaluationError(f"no {feature_set} test rows at the {level} level")
-            try:
-                table = feature_sets.read_table(self.features_dir, feature_set, level)
-            except FileNotFoundError as error:
-                raise EvaluationError(str(error)) from error
-            table = split.attach_subsets(table, self.assignments)
-            self.tables[key] = table[table["subset"] == TEST_SUBSET].reset_index(drop=True)
-        return self.tables[key]
-
-    def features_sha256(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> str:
-        """sha256 of the table(s) a model of this feature set and level reads ("" if absent)."""
-        key = (feature_set, level)
-        if key not in self.digests:
-            folder = self.features_dir
-            paths = feature_sets.table_paths(folder, feature_set, level) if folder else []
-            present = bool(paths) and all(path.is_file() for path in paths)
-            digest = feature_sets.tables_digest(folder, feature_set, level) if present else ""
-            self.digests[key] = digest
-        return self.digests[key]
-
-
-def feature_dir(params: dict[str, Any], root: Path) -> Path:
-    """The folder of the features stage's tables."""
-    return resolve_path(params.get("features", {}).get("output_dir", "data/features"), root)
-
-
-def split_dir(params: dict[str, Any], root: Path) -> Path:
-    return resolve_path(params.get("split", {}).get("output_dir", "data/split"), root)
-
-
-def load_test_data(params: dict[str, Any], root: Path) -> TestData:
-    """The test subset of the active split, from the feature tables the models trained on."""
-    from gtzan_mlops import split
-
-    folder = split_dir(params, root)
-    assignments, summary = split.load_split(folder)
-    return TestData(
-        summary=summary,
-        split_sha256=split_fingerprint(folder),
-        features_dir=feature_dir(params, root),
-        assignments=assignments,
-    )
-
-
-def split_fingerprint(folder: Path) -> str:
-    """sha256 of the split assignment file (the same file the training records hash)."""
-    from gtzan_mlops import split, tracking
-
-    return tracking.file_digest(folder / split.SPLIT_FILE)
-
-
-def stale_reason(record: dict[str, Any], data: TestData) -> str | None:
-    """Why a family's record does not belong to the current features and split, if it does not."""
-    level, feature_set = record["level"], record_feature_set(record)
-    current = data.features_sha256(level, feature_set)
-    if record.get("features_sha256") and record["features_sha256"] != current:
-        return "trained on another version of the features"
-    if record.get("split_sha256") and record["split_sha256"] != data.split_sha256:
-        return "trained on another split"
-    return None
-
-
 def evaluate_family(record: dict[str, Any], data: TestData) -> FamilyEvaluation:
     """Load a family's logged best model and score it on the test rows of its level."""
     from gtzan_mlops.models import load_classifier
@@ -275,18 +80,6 @@ def evaluate_family(record: dict[str, Any], data: TestData) -> FamilyEvaluation:
         feature_sets.columns(feature_set, int(record["feature_settings"].get("n_mfcc", 20))),
         data.rows(record["level"], feature_set),
         family=record_model(record),
-    )
-
-
-def record_feature_set(record: dict[str, Any]) -> str:
-    """A training record's feature set (records written before feature sets: handcrafted)."""
-    return str(record.get("feature_set", feature_sets.HANDCRAFTED))
-
-
-def record_model(record: dict[str, Any]) -> str:
-    """A training record's model name, `<family>-<feature set>`."""
-    return str(
-        record.get("model") or feature_sets.model_key(record["family"], record_feature_set(record))
     )
 
 

@@ -34,19 +34,17 @@ from typing import Any
 from gtzan_mlops import feature_sets
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path
-from gtzan_mlops.evaluate import (
-    EvaluationError,
-    TestData,
+from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.records import (
+    EVALUATION_FILE,
     load_family_record,
-    load_test_data,
     record_feature_set,
     record_model,
-    score_classifier,
-    split_label,
     stale_reason,
 )
-from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.scoring import EvaluationError, score_classifier
 from gtzan_mlops.serving import ServingLimits
+from gtzan_mlops.split_data import TestData, load_test_data, split_label
 from gtzan_mlops.tracking import module_closure
 
 log = logging.getLogger(__name__)
@@ -407,7 +405,6 @@ def promote_winner(
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     """The stage: promote the evaluated winner, write the decision and its key metrics."""
     from gtzan_mlops import tracking
-    from gtzan_mlops.evaluate import EVALUATION_FILE
 
     settings = PromotionSettings.from_params(params)
     stage = params.get("promote", {})

@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gtzan_mlops import comparison, models, split
+from gtzan_mlops import comparison, models, split, split_data
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.comparison import ComparisonSettings
 from gtzan_mlops.config import ConfigError, resolve_path
-from gtzan_mlops.evaluate import score_classifier
 from gtzan_mlops.features import feature_names
+from gtzan_mlops.scoring import score_classifier
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class ProtocolData:
 
 
 def _subset_rows(table: pd.DataFrame, assignments: pd.DataFrame, seed: int, train: set) -> Fold:
-    rows = split.attach_subsets(table, assignments)
+    rows = split_data.attach_subsets(table, assignments)
     chosen = rows["subset"].isin(train)
     tested = rows["subset"] == "test"
     columns = list(table.columns)
@@ -304,18 +304,20 @@ def artist_filtered(
             "artist-filtered lists (is the table GTZAN?)"
         )
     listed = {subset: len(ids) for subset, ids in lists.items()}
-    found = {subset: int((assignments["subset"] == subset).sum()) for subset in split.SUBSETS}
+    found = {subset: int((assignments["subset"] == subset).sum()) for subset in split_data.SUBSETS}
     folds = [_subset_rows(clips, assignments, seed, {"train", "valid"}) for seed in settings.seeds]
     n_found = sum(found.values())
     notes = [
         "artist-filtered lists: "
-        + ", ".join(f"{subset} {found[subset]} of {listed[subset]}" for subset in split.SUBSETS)
+        + ", ".join(
+            f"{subset} {found[subset]} of {listed[subset]}" for subset in split_data.SUBSETS
+        )
         + f" listed clips found in the reference table ({n_found} of {sum(listed.values())});"
         + f" {unlisted} clips of the table are in no list and left out"
     ]
     n_missing = sum(map(len, missing.values()))
     if n_missing:
-        shown = [track for subset in split.SUBSETS for track in missing[subset]][:10]
+        shown = [track for subset in split_data.SUBSETS for track in missing[subset]][:10]
         notes.append(
             f"{n_missing} listed clips are not in the reference table: {', '.join(shown)}"
             + (" ..." if n_missing > len(shown) else "")

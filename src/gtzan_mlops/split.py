@@ -36,13 +36,16 @@ import pandas as pd
 
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path
-from gtzan_mlops.duplicates import GROUP_COLUMN, read_groups
+from gtzan_mlops.split_data import (
+    GROUP_COLUMN,
+    SPLIT_FILE,
+    SUBSETS,
+    SUMMARY_FILE,
+    read_groups,
+)
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("train", "valid", "test")
-SPLIT_FILE = "split.csv"
-SUMMARY_FILE = "summary.json"
 LIST_FILES = {subset: f"{subset}_filtered.txt" for subset in SUBSETS}
 
 
@@ -387,29 +390,6 @@ def write_split(assignments: pd.DataFrame, summary: dict[str, Any], folder: Path
     folder.mkdir(parents=True, exist_ok=True)
     assignments.to_csv(folder / SPLIT_FILE, index=False)
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-
-
-def load_split(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The assignments and summary the split stage wrote to `folder`."""
-    try:
-        assignments = pd.read_csv(folder / SPLIT_FILE, dtype={"track_id": str})
-        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error.filename}: no such file (run the split stage)") from error
-    return assignments, summary
-
-
-def attach_subsets(table: pd.DataFrame, assignments: pd.DataFrame) -> pd.DataFrame:
-    """`table` with a `subset` column: by song, or by (song, segment) for a segment split.
-
-    Rows the split does not assign (a clip table under a segment split, clips outside the
-    artist-filtered lists) get an empty subset and are used nowhere.
-    """
-    keys = ["track_id", "segment"] if "segment" in assignments.columns else ["track_id"]
-    if not set(keys) <= set(table.columns):
-        return table.assign(subset=pd.Series(pd.NA, index=table.index, dtype=object))
-    merged = table.merge(assignments[[*keys, "subset"]], on=keys, how="left", validate="m:1")
-    return merged
 
 
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:

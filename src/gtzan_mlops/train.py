@@ -52,16 +52,23 @@ import pandas as pd
 from gtzan_mlops import feature_sets, models, tracking
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, stage_arguments
-from gtzan_mlops.evaluate import (
+from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.scoring import (
     METRICS,
     EvaluationError,
     FamilyEvaluation,
-    feature_dir,
+    per_class_table,
     score_classifier,
-    split_dir,
-    split_label,
 )
-from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.split_data import (
+    SUBSETS,
+    feature_dir,
+    load_split,
+    split_dir,
+    split_fingerprint,
+    split_label,
+    split_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +109,18 @@ class TrainingData:
 def load_training_data(
     params: dict[str, Any], root: Path, feature_set: str = feature_sets.HANDCRAFTED
 ) -> TrainingData:
-    from gtzan_mlops import split
-
     folder = split_dir(params, root)
-    assignments, summary = split.load_split(folder)
+    assignments, summary = load_split(folder)
     level = summary["level"]
     features = feature_dir(params, root)
     path = features / feature_sets.TABLES[feature_sets.HANDCRAFTED][level]
-    table = split.attach_subsets(feature_sets.read_table(features, feature_set, level), assignments)
+    table = split_rows(features, assignments, feature_set, level)
     classes = list(params["genres"])
     unknown = sorted(set(table["genre"]) - set(classes))
     if unknown:
         raise ConfigError(f"{path}: genres {unknown} are not in params genres {classes}")
     subsets = {
-        subset: table[table["subset"] == subset].reset_index(drop=True) for subset in split.SUBSETS
+        subset: table[table["subset"] == subset].reset_index(drop=True) for subset in SUBSETS
     }
     for subset, rows in subsets.items():
         if rows.empty:
@@ -128,7 +133,7 @@ def load_training_data(
         columns=feature_sets.columns(feature_set, int(params["features"]["n_mfcc"])),
         summary=summary,
         features_sha256=feature_sets.tables_digest(features, feature_set, level),
-        split_sha256=tracking.file_digest(folder / split.SPLIT_FILE),
+        split_sha256=split_fingerprint(folder),
         feature_settings=FeatureSettings.from_params(params).to_dict(),
     )
 
@@ -440,20 +445,6 @@ def history_table(study: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["trial", "state", "value", "best_value"])
 
 
-def per_class_table(evaluation: FamilyEvaluation, classes: list[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support per genre over the test songs (for a segment model, the
-    song vote), the level of the confusion matrix and of evaluate's metric: one row per genre, so
-    the DVC bar plot draws one bar each."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    precision, recall, f1, support = precision_recall_fscore_support(
-        evaluation.song_actual, evaluation.song_predicted, labels=classes, zero_division=0
-    )
-    return pd.DataFrame(
-        {"genre": classes, "precision": precision, "recall": recall, "f1": f1, "support": support}
-    )
-
-
 @dataclass(frozen=True)
 class OutputPaths:
     """Where the stage of one family writes (all declared in dvc.yaml)."""
@@ -498,7 +489,9 @@ def write_reports(
         f"Optuna: {settings.family} [{data.feature_set} features, {data.label} split]",
         settings.objective_key,
     )
-    per_class_table(test, data.classes).to_csv(folder / "per_class_test.csv", index=False)
+    per_class_table(test.song_actual, test.song_predicted, data.classes).to_csv(
+        folder / "per_class_test.csv", index=False
+    )
     plots.confusion_png(
         test.song_actual,
         test.song_predicted,

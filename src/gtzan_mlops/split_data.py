@@ -1,0 +1,138 @@
+"""The data of a split: which feature rows train, validate and test, and the hashes that say
+which version of the tables and the split they are.
+
+Train reads every subset, evaluate and promote the test subset, through the same
+`split_rows`: the feature tables of a feature set at a level, joined to the split's assignments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gtzan_mlops import feature_sets, tracking
+from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.scoring import TEST_SUBSET, EvaluationError
+
+SUBSETS = ("train", "valid", "test")
+SPLIT_FILE = "split.csv"  # in the split stage's folder: track (and segment) -> subset
+SUMMARY_FILE = "summary.json"  # beside it: strategy, label, leaky, sizes, leakage check
+GROUP_COLUMN = "duplicate_group"  # of the duplicates stage's clip table
+
+
+def load_split(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The assignments and summary the split stage wrote to `folder`."""
+    try:
+        assignments = pd.read_csv(folder / SPLIT_FILE, dtype={"track_id": str})
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error.filename}: no such file (run the split stage)") from error
+    return assignments, summary
+
+
+def attach_subsets(table: pd.DataFrame, assignments: pd.DataFrame) -> pd.DataFrame:
+    """`table` with a `subset` column: by song, or by (song, segment) for a segment split.
+
+    Rows the split does not assign (a clip table under a segment split, clips outside the
+    artist-filtered lists) get an empty subset and are used nowhere.
+    """
+    keys = ["track_id", "segment"] if "segment" in assignments.columns else ["track_id"]
+    if not set(keys) <= set(table.columns):
+        return table.assign(subset=pd.Series(pd.NA, index=table.index, dtype=object))
+    merged = table.merge(assignments[[*keys, "subset"]], on=keys, how="left", validate="m:1")
+    return merged
+
+
+def read_groups(path: Path) -> pd.DataFrame:
+    """track_id, duplicate_group of the clips that have duplicates (the split stage's input)."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (run the duplicates stage)") from None
+    if not {"track_id", GROUP_COLUMN} <= set(table.columns):
+        raise ConfigError(f"{path}: needs the columns track_id and {GROUP_COLUMN}")
+    return table.loc[table[GROUP_COLUMN] != "", ["track_id", GROUP_COLUMN]]
+
+
+def split_label(summary: dict[str, Any]) -> str:
+    """The split's label as reported next to every number; a leaky split always says so."""
+    label = str(summary.get("label") or summary.get("strategy") or "unnamed-split")
+    if summary.get("leaky") and "leaky" not in label.lower():
+        label = f"{label}-leaky"
+    return label
+
+
+def feature_dir(params: dict[str, Any], root: Path) -> Path:
+    """The folder of the features stage's tables."""
+    return resolve_path(params.get("features", {}).get("output_dir", "data/features"), root)
+
+
+def split_dir(params: dict[str, Any], root: Path) -> Path:
+    return resolve_path(params.get("split", {}).get("output_dir", "data/split"), root)
+
+
+def split_fingerprint(folder: Path) -> str:
+    """sha256 of the split assignment file (the same file the training records hash)."""
+    return tracking.file_digest(folder / SPLIT_FILE)
+
+
+def split_rows(
+    features_dir: Path, assignments: pd.DataFrame, feature_set: str, level: str
+) -> pd.DataFrame:
+    """The feature table of `feature_set` at `level`, each row with its `subset` (empty for rows
+    the split does not assign)."""
+    try:
+        table = feature_sets.read_table(features_dir, feature_set, level)
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from error
+    return attach_subsets(table, assignments)
+
+
+@dataclass
+class TestData:
+    """The test rows of the active split per (feature set, level), and the sha256 of the tables
+    they come from. Read from `features_dir` when first asked for, unless given in `tables` and
+    `digests` (in memory)."""
+
+    summary: dict[str, Any]
+    split_sha256: str
+    tables: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    digests: dict[tuple[str, str], str] = field(default_factory=dict)
+    features_dir: Path | None = None
+    assignments: pd.DataFrame | None = None
+
+    def rows(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> pd.DataFrame:
+        key = (feature_set, level)
+        if key not in self.tables:
+            if self.features_dir is None or self.assignments is None:
+                raise EvaluationError(f"no {feature_set} test rows at the {level} level")
+            table = split_rows(self.features_dir, self.assignments, feature_set, level)
+            self.tables[key] = table[table["subset"] == TEST_SUBSET].reset_index(drop=True)
+        return self.tables[key]
+
+    def features_sha256(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> str:
+        """sha256 of the table(s) a model of this feature set and level reads ("" if absent)."""
+        key = (feature_set, level)
+        if key not in self.digests:
+            folder = self.features_dir
+            paths = feature_sets.table_paths(folder, feature_set, level) if folder else []
+            present = bool(paths) and all(path.is_file() for path in paths)
+            digest = feature_sets.tables_digest(folder, feature_set, level) if present else ""
+            self.digests[key] = digest
+        return self.digests[key]
+
+
+def load_test_data(params: dict[str, Any], root: Path) -> TestData:
+    """The test subset of the active split, from the feature tables the models trained on."""
+    folder = split_dir(params, root)
+    assignments, summary = load_split(folder)
+    return TestData(
+        summary=summary,
+        split_sha256=split_fingerprint(folder),
+        features_dir=feature_dir(params, root),
+        assignments=assignments,
+    )
