@@ -22,7 +22,8 @@ import pytest
 import requests
 import yaml
 
-from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.feature_sets import write_settings
+from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings
 
 SERVER_START_TIMEOUT_S = 180
 
@@ -236,7 +237,9 @@ def small_project(
     features.mkdir(parents=True, exist_ok=True)
     clips.to_csv(features / "features_30_sec.csv", index=False)
     segments.to_csv(features / "features_3_sec.csv", index=False)
-    split.run(load_params(params_path), folder)
+    params = load_params(params_path)
+    write_settings(features, FeatureSettings.from_params(params))  # as the features stage does
+    split.run(params, folder)
     return folder
 
 

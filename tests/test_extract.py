@@ -94,6 +94,10 @@ def test_stage_writes_tables_and_skips_failures(stage_repo):
     assert failures["track_id"].tolist() == ["jazz.00054"]
     assert "jazz.00054.wav" in failures.loc[0, "reason"]
     assert "not decodable" in failures.loc[0, "reason"]
+    # What made the tables travels with them: train, promote and serving read it from there.
+    made = json.loads((root / "data/features/settings.json").read_text())
+    assert made["features"] == extract.FeatureSettings.from_params(params).to_dict()
+    assert made["code"]["source"] and made["code"]["librosa"]
 
 
 def test_rerun_reads_the_cache_and_extracts_only_new_clips(stage_repo, gtzan_mini):

@@ -16,6 +16,8 @@ from live_services import clean_env, synthetic_feature_tables
 
 from gtzan_mlops import split, tracking
 from gtzan_mlops.config import ConfigError, apply_overrides, load_params, section
+from gtzan_mlops.feature_sets import write_settings
+from gtzan_mlops.features import FeatureSettings
 
 OVERRIDE = re.compile(r"--set (?P<key>[\w.]+)=\{(?P<parameter>\w+)\}")
 
@@ -83,6 +85,7 @@ def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
     clips.to_csv(project / "data/features/features_30_sec.csv", index=False)
     segments.to_csv(project / "data/features/features_3_sec.csv", index=False)
     params = load_params(project / "params.yaml")
+    write_settings(project / "data/features", FeatureSettings.from_params(params))
     params["split"]["duplicates_file"] = None  # synthetic tables: no audio to fingerprint
     split.run(params, project)
 

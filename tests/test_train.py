@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from live_services import small_project
 
-from gtzan_mlops import models, tracking, train
+from gtzan_mlops import feature_sets, models, tracking, train
 from gtzan_mlops.config import ConfigError, load_params
 from gtzan_mlops.features import FEATURE_NAMES
 
@@ -230,3 +230,16 @@ def test_stores_follow_dvc_root_and_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "sunny-day")
     assert tracking.run_tags(temporary)["dvc.exp_name"] == "sunny-day"
     shutil.rmtree(real)
+
+
+def test_tables_made_with_other_settings_are_refused(project):
+    """A run asking for other feature settings than the tables were made with (a `--set` outside
+    DVC) must not train on them under a record that claims the asked-for settings."""
+    params = load_params(project / "params.yaml")
+    params["features"]["sample_rate"] = 16000
+    with pytest.raises(
+        feature_sets.FeatureSetError, match=r"sample_rate 22050 \(tables\) vs 16000"
+    ):
+        train.load_training_data(params, project)
+    record = train.load_training_data(load_params(project / "params.yaml"), project)
+    assert record.feature_settings["sample_rate"] == 22050  # read from the tables' record

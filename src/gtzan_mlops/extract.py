@@ -349,6 +349,13 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_csv(output_dir / name, index=False)
+    weights = settings.musicnn_weights
+    feature_sets.write_settings(
+        output_dir,
+        settings.features,
+        musicnn.weights_digest(weights) if weights else None,
+        extraction_code_fingerprint(),
+    )
     counts = {
         "clips": len(tables[CLIP_TABLE]),
         "segments": len(tables[SEGMENT_TABLE]),

@@ -11,6 +11,7 @@ the served model calls the same function, from the same decoded audio.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ TABLES = {
     HANDCRAFTED: {"clip": "features_30_sec.csv", "segment": "features_3_sec.csv"},
     MUSICNN: {"clip": "musicnn_30_sec.csv", "segment": "musicnn_3_sec.csv"},
 }
+SETTINGS_FILE = "settings.json"  # beside the tables: the settings and code that made them
 TAGS_TABLE = "musicnn_tags_30_sec.csv"  # the clip's mean MSD tag probabilities: a readable check
 KEY_COLUMNS = {"clip": ["track_id"], "segment": ["track_id", "segment"]}
 
@@ -94,6 +96,55 @@ def columns(feature_set: str, n_mfcc: int) -> list[str]:
     for base in base_sets(feature_set):
         names += list(feature_names(n_mfcc)) if base == HANDCRAFTED else list(EMBEDDING_NAMES)
     return names
+
+
+def write_settings(
+    folder: Path,
+    features: FeatureSettings,
+    musicnn_weights_sha256: str | None = None,
+    code: dict[str, str] | None = None,
+) -> None:
+    """Record beside the tables what made them: the feature settings, the musicnn checkpoint
+    (sha256 of its files) and the extraction code, so that the stages reading the tables use
+    those settings rather than params that may have changed since (see `made_with`)."""
+    record = {
+        "features": features.to_dict(),
+        "musicnn_weights_sha256": musicnn_weights_sha256,
+        "code": code or {},
+    }
+    (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def made_with(
+    folder: Path, expected: FeatureSettings, musicnn_weights_sha256: str | None = None
+) -> FeatureSettings:
+    """The feature settings the tables in `folder` were made with, if they are the ones asked for
+    (`expected`, from params; and, when given, the musicnn checkpoint); else FeatureSetError
+    naming each difference. A run with `--set features.sample_rate=...` outside DVC cannot train
+    or serve on tables made with other settings while its record claims otherwise."""
+    path = folder / SETTINGS_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        recorded = FeatureSettings(**record["features"])
+    except FileNotFoundError:
+        raise FeatureSetError(
+            f"{path}: no record of the settings the feature tables were made with (rerun the "
+            "features stage)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise FeatureSetError(f"{path}: not a features settings record ({error})") from None
+    made, asked = recorded.to_dict(), expected.to_dict()
+    differing = {key: (made[key], asked[key]) for key in made if made[key] != asked[key]}
+    weights = record.get("musicnn_weights_sha256")
+    if musicnn_weights_sha256 and weights and weights != musicnn_weights_sha256:
+        differing["musicnn weights (sha256)"] = (weights[:12], musicnn_weights_sha256[:12])
+    if differing:
+        shown = ", ".join(f"{key} {a} (tables) vs {b} (asked)" for key, (a, b) in differing.items())
+        raise FeatureSetError(
+            f"{path}: the feature tables were made with other settings than asked for: "
+            f"{shown}; rerun the features stage (dvc repro)"
+        )
+    return recorded
 
 
 def table_paths(folder: Path, feature_set: str, level: str) -> list[Path]:

@@ -44,7 +44,7 @@ from gtzan_mlops.records import (
 )
 from gtzan_mlops.scoring import EvaluationError, score_classifier
 from gtzan_mlops.serving import ServingLimits
-from gtzan_mlops.split_data import TestData, load_test_data, split_label
+from gtzan_mlops.split_data import TestData, feature_dir, load_test_data, split_label
 from gtzan_mlops.tracking import module_closure
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,19 @@ def decide_promotion(
     )
 
 
-def serving_settings(params: dict[str, Any], record: dict[str, Any]) -> FeatureSettings:
-    """The feature settings stored with the served model: params' `features`, which must agree
-    with what the winner was trained on (its record), or serving would compute other features."""
-    settings = FeatureSettings.from_params(params)
+def serving_settings(
+    params: dict[str, Any], record: dict[str, Any], features_dir: Path, musicnn_sha256: str | None
+) -> FeatureSettings:
+    """The feature settings stored with the served model: those the feature tables were made
+    with (their settings record, which must be what params ask for, with the musicnn checkpoint
+    the model will carry), and what the winner was trained on (its record), or serving would
+    compute other features."""
+    try:
+        settings = feature_sets.made_with(
+            features_dir, FeatureSettings.from_params(params), musicnn_sha256
+        )
+    except feature_sets.FeatureSetError as error:
+        raise EvaluationError(str(error)) from None
     current = settings.to_dict()
     trained = record.get("feature_settings", {})
     differing = {
@@ -420,10 +429,14 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     except FileNotFoundError as error:
         raise EvaluationError(f"{evaluate_path}: no such file (run the evaluate stage)") from error
     record = load_family_record(records_dir / f"{evaluation['winner']}.json")
-    feature_settings = serving_settings(params, record)
+    musicnn_sha256 = None
     if feature_sets.uses_musicnn(record_feature_set(record)):
+        from gtzan_mlops.musicnn import weights_digest
+
         extraction = feature_sets.ExtractionSettings.from_params(params, root)
         settings = dataclasses.replace(settings, musicnn_weights=extraction.musicnn_weights)
+        musicnn_sha256 = weights_digest(extraction.musicnn_weights)
+    feature_settings = serving_settings(params, record, feature_dir(params, root), musicnn_sha256)
     data = load_test_data(params, root)
     stale = stale_reason(record, data)
     if stale:

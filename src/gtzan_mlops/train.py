@@ -134,7 +134,10 @@ def load_training_data(
         summary=summary,
         features_sha256=feature_sets.tables_digest(features, feature_set, level),
         split_sha256=split_fingerprint(folder),
-        feature_settings=FeatureSettings.from_params(params).to_dict(),
+        # What made the tables, checked against what params ask for.
+        feature_settings=feature_sets.made_with(
+            features, FeatureSettings.from_params(params)
+        ).to_dict(),
     )
 
 
@@ -777,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_arguments=stage_arguments(args),
         ),
         argv,
-        errors=(EvaluationError,),
+        errors=(EvaluationError, feature_sets.FeatureSetError),
         describe=describe,
         arguments=add_arguments,
     )
