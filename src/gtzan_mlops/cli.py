@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -60,13 +59,13 @@ def stage_main(
     argv: list[str] | None,
     *,
     errors: tuple[type[Exception], ...] = (),
-    describe: Callable[[Any], str] = json.dumps,
+    describe: Callable[[Any], str] | None = None,
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """The command line of a stage: parse its options (`arguments`, then --params and --set),
     call `run(params, root)` (`run(params, root, args)` when it has `arguments` of its own),
-    print `describe(result)`; a ConfigError, a missing file or one of `errors` ends it with its
-    message on stderr and exit status 1, without a traceback."""
+    print one line, `describe(result)` or `summary_line`; a ConfigError, a missing file or one
+    of `errors` ends it with its message on stderr and exit status 1, without a traceback."""
     from gtzan_mlops.config import ConfigError, add_stage_arguments, stage_params
 
     parser = argparse.ArgumentParser(
@@ -87,8 +86,20 @@ def stage_main(
         print(f"gtzan-mlops {name}: {error}", file=sys.stderr)
         return 1
     if result is not None:
-        print(describe(result))
+        print(describe(result) if describe else summary_line(name, result))
     return 0
+
+
+def summary_line(name: str, result: Any) -> str:
+    """A stage's result as one line, `<stage>: key value, key value`, like every other stage's."""
+    if isinstance(result, dict):
+        parts = [
+            f"{key.replace('_', ' ')} {value}"
+            for key, value in result.items()
+            if not isinstance(value, (dict, list))
+        ]
+        return f"{name}: " + ", ".join(parts)
+    return f"{name}: {result}"
 
 
 if __name__ == "__main__":

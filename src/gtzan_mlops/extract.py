@@ -363,7 +363,6 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
         "from_cache": sum(result.from_cache for result in results),
         "excluded_by_manifest": skipped_in_manifest,
     }
-    log.info("features: %s", ", ".join(f"{name} {count}" for name, count in counts.items()))
     return counts
 
 
