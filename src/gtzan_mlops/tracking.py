@@ -144,7 +144,7 @@ def module_closure(*modules: str) -> tuple[str, ...]:
     """The source files of this package that the named modules (e.g. "train") import, directly
     or not, themselves included, sorted: what a stage's outcome depends on. Read from the code
     (every `import`, also inside functions), so the list cannot drift from it; dvc.yaml's deps
-    are checked against it by tests/test_code_shape.py."""
+    are checked against it by tests/code/test_code_shape.py."""
     import ast
 
     package = Path(__file__).resolve().parent
