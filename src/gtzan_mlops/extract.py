@@ -42,6 +42,7 @@ from gtzan_mlops.features import (
     feature_names,
     warm_up,
 )
+from gtzan_mlops.tf_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _worker_init(embeds: bool, parent: int) -> None:
 
     threadpool_limits(1)
     if embeds:
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)

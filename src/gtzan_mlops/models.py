@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from gtzan_mlops.config import ConfigError
+from gtzan_mlops.tf_runtime import import_tensorflow
 
 # Called with (step, validation accuracy) during training; may raise optuna.TrialPruned.
 ReportFn = Callable[[int, float], None]
@@ -194,7 +195,8 @@ def set_seeds(seed: int) -> None:
     np.random.seed(seed)
     if "tensorflow" in sys.modules or "keras" in sys.modules:
         import keras
-        import tensorflow as tf
+
+        tf = import_tensorflow()
 
         keras.utils.set_random_seed(seed)
         tf.config.experimental.enable_op_determinism()
@@ -211,6 +213,7 @@ class KerasClassifier:
         self.network = network
 
     def predict_proba(self, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
+        import_tensorflow()
         import keras
 
         values = _features(rows) if isinstance(rows, pd.DataFrame) else np.asarray(rows, "float32")
@@ -229,6 +232,7 @@ def build_network(
 ) -> Any:
     """The uncompiled Keras network of `fnn` (Dense 1024-512-256-128-64, each with batch norm and
     dropout) or `fnn_simple` (Dense 512-256-64 with dropout), softmax over the genres."""
+    import_tensorflow()
     import keras
 
     normalise = keras.layers.Normalization(name="standardise")
@@ -268,6 +272,7 @@ def fit_keras(
     early, barely trained epoch can be the highest by luck, and a refit for that many epochs
     underfits (seen on the 70 real clips: 3 epochs, 0.77 validation, 0.40 test accuracy).
     """
+    import_tensorflow()
     import keras
 
     set_seeds(seed)

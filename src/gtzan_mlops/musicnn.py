@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from gtzan_mlops.tf_runtime import import_tensorflow
+
 MODEL_NAME = "MSD_musicnn"
 
 # The model's input, as musicnn's configuration.py and its training config.json define it: not
@@ -137,6 +139,7 @@ def build_model() -> Any:
     conv2d, conv2d_1, ... and batch_normalization, batch_normalization_1, ... in the order
     musicnn's `build_musicnn` created them, which is the order below.
     """
+    import_tensorflow()
     import keras
     from keras import layers, ops
 
@@ -207,7 +210,7 @@ def load_checkpoint(model: Any, folder: Path) -> None:
     Read through the checkpoint's ".index" prefix: `tf.train.load_checkpoint(folder)` follows
     the folder's stale `checkpoint` file to the author's machine.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     try:
         reader = tf.compat.v1.train.NewCheckpointReader(f"{folder}{os.sep}")  # the prefix ""
