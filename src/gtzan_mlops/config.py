@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,30 @@ def stage_arguments(args: argparse.Namespace) -> list[str]:
     for assignment in args.overrides:
         forwarded += ["--set", assignment]
     return forwarded
+
+
+def number_setting(
+    mapping: dict[str, Any],
+    key: str,
+    where: str,
+    kind: Callable[[Any], Any],
+    minimum: float | None = None,
+) -> Any:
+    """mapping[key] as `kind` (int or float), with an error naming `where.key`."""
+    if key not in mapping:
+        raise ConfigError(f"params.yaml: missing setting '{where}.{key}'")
+    value = mapping[key]
+    try:
+        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        number = kind(value)
+        if not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(
+            f"params.yaml: {where}.{key} must be {'an integer' if kind is int else 'a number'}, "
+            f"got {value!r}"
+        ) from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"params.yaml: {where}.{key} must be at least {minimum}, got {value!r}")
+    return number

@@ -24,7 +24,7 @@ import pytest
 import soundfile
 import yaml
 
-from gtzan_mlops import fetch
+from gtzan_mlops import fetch, gtzan_archive
 from gtzan_mlops.audio import Truncation, find_truncation, load_waveform
 from gtzan_mlops.config import ConfigError
 from gtzan_mlops.features import FeatureSettings, extract_clip
@@ -401,7 +401,7 @@ def test_gtzan_archive_param_is_verified_and_extracted(tmp_path):
 
     params["data"]["gtzan"]["md5"] = "f" * 32
     with pytest.raises(
-        fetch.ChecksumError, match=f"md5 mismatch: expected {'f' * 32}, got {_md5(data)}"
+        gtzan_archive.ChecksumError, match=f"md5 mismatch: expected {'f' * 32}, got {_md5(data)}"
     ):
         fetch.run(params, tmp_path, show_progress=False)
     assert archive.read_bytes() == data  # the user's own file is never deleted
@@ -426,7 +426,7 @@ def test_unsafe_archive_members_are_refused(tmp_path, members, links, named, pro
     root = tmp_path / "repo"
     params = _params("gtzan", archive=str(archive), md5=_md5(data))
 
-    with pytest.raises(fetch.UnsafeArchiveError) as raised:
+    with pytest.raises(gtzan_archive.UnsafeArchiveError) as raised:
         fetch.run(params, root, show_progress=False)
 
     assert f"unsafe member '{named}' ({problem}); nothing was extracted" in str(raised.value)
@@ -549,7 +549,7 @@ def test_wrong_checksum_fails_cleanly(tmp_path, archive_server):
     params = _params("gtzan", md5="a" * 32, mirrors=[url])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    with pytest.raises(fetch.DownloadError) as raised:
+    with pytest.raises(gtzan_archive.DownloadError) as raised:
         fetch.run(params, tmp_path, show_progress=False)
 
     assert f"{url}: md5 mismatch: expected {'a' * 32}, got {_md5(data)}" in str(raised.value)
@@ -569,7 +569,7 @@ def test_broken_transfer_is_resumed(tmp_path, archive_server, caplog, server_res
     archive_server.honour_ranges = server_resumes
     params = _params("gtzan", md5=_md5(data), mirrors=[archive_server.url("/genres.tar.gz")])
 
-    with caplog.at_level(logging.INFO, logger="gtzan_mlops.fetch"):
+    with caplog.at_level(logging.INFO, logger="gtzan_mlops"):
         summary = fetch.run(params, tmp_path, show_progress=False)
 
     assert summary["ok"] == 4
@@ -623,7 +623,7 @@ def test_unsafe_archive_member_is_refused_before_extracting(tmp_path, archive_se
     root = tmp_path / "repo"
     params = _params("gtzan", md5=_md5(data), mirrors=[archive_server.url("/genres.tar.gz")])
 
-    with pytest.raises(fetch.UnsafeArchiveError, match=r"unsafe member '\.\./evil\.wav'"):
+    with pytest.raises(gtzan_archive.UnsafeArchiveError, match=r"unsafe member '\.\./evil\.wav'"):
         fetch.run(params, root, show_progress=False)
 
     assert _files_under(root / "data/raw") == []
@@ -647,7 +647,7 @@ def test_mirror_fallback_and_an_error_listing_every_mirror(tmp_path, archive_ser
     refused = f"http://127.0.0.1:{_closed_port()}/genres.tar.gz"
     params["data"]["gtzan"]["mirrors"] = [missing, refused]
     (tmp_path / "data/download/genres.tar.gz").unlink()
-    with pytest.raises(fetch.DownloadError) as raised:
+    with pytest.raises(gtzan_archive.DownloadError) as raised:
         fetch.run(params, tmp_path, show_progress=False)
     message = str(raised.value)
     assert message.startswith("could not download genres.tar.gz from any mirror")
