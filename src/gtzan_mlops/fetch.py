@@ -2,13 +2,12 @@
 
 `data.source` in params.yaml picks where the audio comes from:
 
-- `demo`: a small synthetic set generated here from a seed, so `dvc repro` runs offline on a
-  fresh clone. Each genre has its own recipe (pitch range, harmonics, note rate, beat, noise
-  colour, distortion) with random variation per clip, so the features separate the genres
-  without any two clips being alike. It is not music and says nothing about real accuracy.
+- `demo`: a small synthetic set generated from a seed (synthetic_demo.py), so `dvc repro` runs
+  offline on a fresh clone. It is not music and says nothing about real accuracy.
 - `local`: an existing GTZAN-style folder (`genres/<genre>/<genre>.000NN.{au,wav}`), copied.
 - `gtzan`: the full collection, from an extracted folder, an existing `genres.tar.gz`, or a
-  download from the mirrors (resumed after a broken transfer, md5 checked, extracted safely).
+  download from the mirrors (gtzan_archive.py: resumed after a broken transfer, md5 checked,
+  extracted safely).
 
 Every audio file copied into data/raw is listed in data/manifest.csv. One that cannot be used
 (undecodable, empty, truncated, too short, silent, or in a genre folder not in params `genres`)
