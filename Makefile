@@ -17,6 +17,8 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-nodeps.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
+	# The duplicates stage fingerprints clips with Chromaprint's fpcalc (a Debian package).
+	command -v fpcalc >/dev/null || bash .ci/system-packages.sh libchromaprint-tools
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -r requirements.lock

@@ -6,7 +6,12 @@
 set -euo pipefail
 
 # fonts-dejavu-core: headless Chromium renders text (and readable screenshots) only with a font.
+# Arguments name a subset (`make setup` asks only for libchromaprint-tools, which the pipeline's
+# duplicates stage runs); none: everything the tests need.
 packages=(chromium chromium-driver postgresql fonts-dejavu-core libchromaprint-tools nginx-light)
+if [[ $# -gt 0 ]]; then
+    packages=("$@")
+fi
 
 missing=()
 for package in "${packages[@]}"; do
