@@ -212,14 +212,21 @@ def group_ids(track_ids: list[str], pairs: pd.DataFrame) -> dict[str, str]:
     return {track: f"dup:{root(track)}" for track in sorted(linked)}
 
 
-def _inspect(row: pd.Series, root: Path, settings: MatchSettings, fpcalc: str) -> dict[str, Any]:
-    path = resolve_path(row["path"], root)
+def _inspect(path: Path, settings: MatchSettings, fpcalc: str) -> dict[str, Any]:
+    """A clip's fingerprint and samples' sha256, each on its own: a clip fpcalc cannot read is
+    still compared by its samples, and the other way round."""
+    found: dict[str, Any] = {"items": None, "samples_sha256": "", "problem": ""}
+    problems = []
     try:
-        items = fingerprint(path, settings.fingerprint_seconds, fpcalc)
-        digest = samples_digest(path)
+        found["items"] = fingerprint(path, settings.fingerprint_seconds, fpcalc)
     except (AudioError, OSError, subprocess.TimeoutExpired) as error:
-        return {"items": None, "samples_sha256": "", "problem": str(error)}
-    return {"items": items, "samples_sha256": digest, "problem": ""}
+        problems.append(str(error))
+    try:
+        found["samples_sha256"] = samples_digest(path)
+    except (AudioError, OSError) as error:
+        problems.append(str(error))
+    found["problem"] = "; ".join(problems)
+    return found
 
 
 def analyse(
@@ -231,12 +238,9 @@ def analyse(
     fpcalc = fpcalc_path()
     usable = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     workers = settings.workers or os.cpu_count() or 1
+    paths = [resolve_path(path, root) for path in usable["path"]]
     with ThreadPoolExecutor(workers) as pool:
-        found = list(
-            pool.map(
-                lambda row: _inspect(row, root, settings, fpcalc), (r for _, r in usable.iterrows())
-            )
-        )
+        found = list(pool.map(lambda path: _inspect(path, settings, fpcalc), paths))
     clips = usable[["track_id", "genre", "path"]].copy()
     clips["samples_sha256"] = [entry["samples_sha256"] for entry in found]
     clips["fingerprint_items"] = [
