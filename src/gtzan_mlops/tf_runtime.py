@@ -23,9 +23,19 @@ _NOTICES = (
 
 
 def import_tensorflow() -> ModuleType:
-    """`import tensorflow` (Keras then imports quietly too); the module."""
+    """`import tensorflow` (Keras then imports quietly too); the module. Off a terminal, Keras's
+    progress bars (ANSI frames from every predict, e.g. MLflow's input-example check) are off."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
+    tensorflow = _import_quietly()
+    if not sys.stdout.isatty():
+        import keras
+
+        keras.utils.disable_interactive_logging()
+    return tensorflow
+
+
+def _import_quietly() -> ModuleType:
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:

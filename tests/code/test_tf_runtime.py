@@ -12,6 +12,8 @@ os.write(2, b"before the import\\n")
 from gtzan_mlops.tf_runtime import import_tensorflow
 tf = import_tensorflow()
 import keras
+model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+model.predict(tf.constant([[1.0]]))  # verbose "auto": a progress bar on a terminal only
 print(tf.constant(2).numpy() + 1)
 """
 
@@ -25,3 +27,4 @@ def test_tensorflow_imports_without_its_start_up_notices():
     assert result.stdout.strip() == "3"
     assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr
     assert "before the import" in result.stderr  # the process's own output is untouched
+    assert "step" not in result.stdout + result.stderr  # no Keras progress bar in a log
