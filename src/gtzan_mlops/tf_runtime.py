@@ -25,10 +25,8 @@ _NOTICES = (
 def import_tensorflow() -> ModuleType:
     """`import tensorflow` (Keras then imports quietly too); the module. Off a terminal, Keras's
     progress bars (ANSI frames from every predict, e.g. MLflow's input-example check) are off."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    tensorflow = _import_quietly()
-    if not sys.stdout.isatty():
+    tensorflow = sys.modules.get("tensorflow") or _import_quietly()
+    if not sys.stdout.isatty():  # also when something else imported TensorFlow first
         import keras
 
         keras.utils.disable_interactive_logging()
