@@ -493,6 +493,7 @@ def load_classifier(model_uri: str, flavor: str) -> Any:
     if flavor == "xgboost":
         return mlflow.xgboost.load_model(model_uri)
     if flavor == "keras":
+        import_tensorflow()  # before mlflow.keras imports it, unquietly
         import mlflow.keras
 
         return KerasClassifier(mlflow.keras.load_model(model_uri))
