@@ -37,7 +37,7 @@ import pandas as pd
 from gtzan_mlops.audio import AudioError, decode_mono
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, section
-from gtzan_mlops.split_data import GROUP_COLUMN
+from gtzan_mlops.split_data import GROUP_COLUMN, connected_components
 
 log = logging.getLogger(__name__)
 
@@ -196,20 +196,10 @@ def find_pairs(
 def group_ids(track_ids: list[str], pairs: pd.DataFrame) -> dict[str, str]:
     """The duplicate group of every track in a pair (connected components of the pairs), named
     after its first track id: `dup:<track_id>`. Tracks without a duplicate are absent."""
-    parent = {track: track for track in track_ids}
-
-    def root(track: str) -> str:
-        while parent[track] != track:
-            parent[track] = parent[parent[track]]
-            track = parent[track]
-        return track
-
-    for first, second in zip(pairs["track_a"], pairs["track_b"], strict=True):
-        a, b = root(first), root(second)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
+    links = list(zip(pairs["track_a"], pairs["track_b"], strict=True))
+    component = connected_components(track_ids, links)
     linked = set(pairs["track_a"]) | set(pairs["track_b"])
-    return {track: f"dup:{root(track)}" for track in sorted(linked)}
+    return {track: f"dup:{component[track]}" for track in sorted(linked)}
 
 
 def _inspect(path: Path, settings: MatchSettings, fpcalc: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from gtzan_mlops.split_data import (
     SPLIT_FILE,
     SUBSETS,
     SUMMARY_FILE,
+    connected_components,
     read_groups,
 )
 
@@ -107,36 +108,23 @@ def group_of_tracks(
     duplicate group (duplicates.py), transitively. A unit is named after its artist when it
     has one (`artist:<name>`, the first by name), else its duplicate group, else the track."""
     ids = tracks["track_id"].astype(str).tolist()
-    parent = {track: track for track in ids}
-
-    def root(track: str) -> str:
-        while parent[track] != track:
-            parent[track] = parent[parent[track]]
-            track = parent[track]
-        return track
-
+    known = set(ids)
     labels: dict[str, list[str]] = {}  # track -> artist and group labels linking it
     for table, column, prefix in ((artists, "artist", "artist:"), (duplicates, GROUP_COLUMN, "")):
         if table is None:
             continue
         for track, value in zip(table["track_id"], table[column], strict=True):
-            if track in parent:
+            if track in known:
                 labels.setdefault(track, []).append(f"{prefix}{value}")
-    first_of: dict[str, str] = {}
-    for track, linked in labels.items():
-        for label in linked:
-            if label in first_of:
-                a, b = root(track), root(first_of[label])
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-            else:
-                first_of[label] = track
+    # Tracks and labels as one graph: tracks sharing a label are in one component.
+    links = [(track, label) for track, linked in labels.items() for label in linked]
+    component = connected_components(ids, links)
     names: dict[str, str] = {}
     for track, linked in labels.items():
-        component = root(track)
-        names[component] = min([names.get(component, "~"), *linked], key=_unit_order)
+        key = component[track]
+        names[key] = min([names.get(key, "~"), *linked], key=_unit_order)
     return pd.Series(
-        [names.get(root(track), track) for track in ids], index=tracks.index, name="unit"
+        [names.get(component[track], track) for track in ids], index=tracks.index, name="unit"
     )
 
 

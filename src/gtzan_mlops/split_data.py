@@ -8,6 +8,7 @@ Train reads every subset, evaluate and promote the test subset, through the same
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,22 @@ def load_test_data(params: dict[str, Any], root: Path) -> TestData:
         features_dir=feature_dir(params, root),
         assignments=assignments,
     )
+
+
+def connected_components(items: Iterable[str], links: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each item (and each end of a link) mapped to its component, named by its smallest member:
+    what keeps linked tracks (copies, an artist's songs) on one side of a split."""
+    parent = {item: item for item in items}
+
+    def root(item: str) -> str:
+        parent.setdefault(item, item)
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for first, second in links:
+        a, b = root(first), root(second)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {item: root(item) for item in list(parent)}

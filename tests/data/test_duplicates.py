@@ -13,18 +13,6 @@ import soundfile
 from gtzan_mlops import duplicates, fetch, split, split_data
 from gtzan_mlops.config import load_params
 
-GENRES = (
-    "blues",
-    "classical",
-    "country",
-    "disco",
-    "hiphop",
-    "jazz",
-    "metal",
-    "pop",
-    "reggae",
-    "rock",
-)
 ORIGINAL = "blues.00000"
 COPIES = {
     "blues.90000": "FLAC copy under another name",
@@ -32,6 +20,14 @@ COPIES = {
     "blues.90002": "the same recording starting 2 s later",
 }
 SAME_ARTIST = "blues.00001"  # another John Lee Hooker song (GTZAN blues 00000-00011)
+
+
+def _gates(params) -> fetch.ManifestGates:
+    """The manifest's gates as the fetch stage reads them from params."""
+    data = params["data"]
+    return fetch.ManifestGates(
+        tuple(params["genres"]), data["min_duration_s"], data["silence_peak"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +50,7 @@ def copies_project(tmp_path_factory, gtzan_mini, params):
     quieter = librosa.resample(samples, orig_sr=rate, target_sr=16000) * 10 ** (-6 / 20)
     soundfile.write(folder / "blues.90001.wav", quieter, 16000)
     soundfile.write(folder / "blues.90002.wav", samples[2 * rate :], rate)
-    gates = fetch.ManifestGates(GENRES, min_duration_s=3.0, silence_peak=1e-4)
+    gates = _gates(params)
     manifest = fetch.build_manifest(root / "data/raw", root, "test", gates, 2, False)
     manifest.to_csv(root / "data/manifest.csv", index=False)
     summary = duplicates.run(params, root)
@@ -124,7 +120,7 @@ def test_the_70_real_clips_hold_no_duplicates(tmp_path, gtzan_mini, params):
     """What the stage finds on ../shared: no group, and unrelated songs far below the bar."""
     root = tmp_path
     shutil.copytree(gtzan_mini / "genres", root / "data/raw/genres", copy_function=_link)
-    gates = fetch.ManifestGates(GENRES, min_duration_s=3.0, silence_peak=1e-4)
+    gates = _gates(params)
     manifest = fetch.build_manifest(root / "data/raw", root, "test", gates, 2, False)
     manifest.to_csv(root / "data/manifest.csv", index=False)
     summary = duplicates.run(params, root)
