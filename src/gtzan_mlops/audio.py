@@ -138,18 +138,17 @@ def _decode(
     each down-mixed (channel mean) as it arrives, so a multi-channel file never exists in
     memory whole. The mean per block equals the mean of the whole decode, bit for bit."""
     handle = _open(source, name)
+    limits = limits or DecodeLimits()
     peak = 0.0
     try:
         with soundfile.SoundFile(handle) as audio:
             sample_rate, channels, frames = audio.samplerate, audio.channels, audio.frames
-            (limits or DecodeLimits()).check(name, frames, channels, sample_rate)
+            limits.check(name, frames, channels, sample_rate)
             mono = np.empty(frames, dtype=np.float32)
             filled = 0
             for block in audio.blocks(_BLOCK_FRAMES, dtype="float32", always_2d=True):
                 if filled + len(block) > len(mono):  # a header that undercounts (some MP3s)
-                    (limits or DecodeLimits()).check(
-                        name, filled + len(block), channels, sample_rate
-                    )
+                    limits.check(name, filled + len(block), channels, sample_rate)
                     mono = np.resize(mono, max(2 * len(mono), filled + len(block)))
                 down = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32)
                 if not np.all(np.isfinite(down)):
