@@ -1,0 +1,65 @@
+"""What the duplicates stage sees on the real clips: the largest fingerprint similarity between
+two different clips of ../shared's 70, and how copies of one real clip score against it (a FLAC
+copy, a 16 kHz re-encode at -6 dB, the same recording starting 2 s later) beside another song of
+the same artist. The copies are made here, in a temporary folder.
+
+    python benchmarks/duplicates.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pandas as pd
+import soundfile
+
+from gtzan_mlops import duplicates, fetch
+from gtzan_mlops.config import load_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GENRES_DIR = REPO_ROOT.parent / "shared" / "data" / "gtzan_mini" / "genres"
+
+
+def main() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    settings = duplicates.MatchSettings.from_params(params)
+    paths = sorted(GENRES_DIR.glob("*/*.wav"))
+    prints = [duplicates.fingerprint(path, settings.fingerprint_seconds) for path in paths]
+    similarity, _ = duplicates.fingerprint_matches(
+        prints, settings.window_items, settings.max_offset_items
+    )
+    np.fill_diagonal(similarity, 0)
+    either = np.maximum(similarity, similarity.T)
+    first, second = np.unravel_index(either.argmax(), either.shape)
+    print(
+        f"{len(paths)} real clips: largest similarity between two different clips "
+        f"{either.max():.3f} ({paths[first].stem}, {paths[second].stem}); "
+        f"a match needs {settings.min_similarity}"
+    )
+
+    gates = fetch.ManifestGates(
+        tuple(params["genres"]), params["data"]["min_duration_s"], params["data"]["silence_peak"]
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        folder = root / "data/raw/genres/blues"
+        folder.mkdir(parents=True)
+        for name in ("blues.00000", "blues.00001"):  # two John Lee Hooker songs
+            shutil.copyfile(GENRES_DIR / f"blues/{name}.wav", folder / f"{name}.wav")
+        samples, rate = soundfile.read(GENRES_DIR / "blues/blues.00000.wav", dtype="float32")
+        soundfile.write(folder / "blues.90000.flac", samples, rate)
+        quieter = librosa.resample(samples, orig_sr=rate, target_sr=16000) * 10 ** (-6 / 20)
+        soundfile.write(folder / "blues.90001.wav", quieter, 16000)
+        soundfile.write(folder / "blues.90002.wav", samples[2 * rate :], rate)
+        manifest = fetch.build_manifest(root / "data/raw", root, "copies", gates, 2, False)
+        manifest.to_csv(root / "data/manifest.csv", index=False)
+        print(duplicates.describe(duplicates.run(params, root)))
+        print(pd.read_csv(root / duplicates.PAIRS_TABLE).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
