@@ -58,7 +58,7 @@ def main() -> None:
         manifest = fetch.build_manifest(root / "data/raw", root, "copies", gates, 2, False)
         manifest.to_csv(root / "data/manifest.csv", index=False)
         print(duplicates.describe(duplicates.run(params, root)))
-        print(pd.read_csv(root / duplicates.PAIRS_TABLE).to_string(index=False))
+        print(pd.read_csv(root / params["paths"]["duplicate_pairs"]).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -57,9 +57,14 @@ def list_clips(clips_dir: Path, limit: int | None) -> list[Path]:
 def run_way(way: str, paths: list[Path], workers: int) -> dict[str, np.ndarray]:
     """Features of every clip, keyed by path: row 0 the whole clip, then one row per segment."""
     from gtzan_mlops.audio import load_waveform
-    from gtzan_mlops.features import FeatureSettings, extract_clip, naive_features, segment_bounds
+    from gtzan_mlops.features import (
+        REFERENCE_SETTINGS,
+        extract_clip,
+        naive_features,
+        segment_bounds,
+    )
 
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     results: dict[str, np.ndarray] = {}
     if way == "naive":
         for path in paths:

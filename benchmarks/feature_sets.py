@@ -71,16 +71,24 @@ class WorkerPeak:
         self._thread.join()
 
 
+def project_params() -> dict:
+    """The repository's params.yaml, validated: the batch size and the folds of the report."""
+    from gtzan_mlops.config import load_params
+
+    return load_params(REPO_ROOT / "params.yaml")
+
+
 def embedding_seconds(paths: list[Path]) -> tuple[list[float], float]:
     """Per clip, the seconds `embed` takes for its segments (decoding excluded); and the
     seconds building the model and loading its weights took."""
     from gtzan_mlops import musicnn
     from gtzan_mlops.audio import load_waveform
-    from gtzan_mlops.features import FeatureSettings, segment_bounds
+    from gtzan_mlops.features import REFERENCE_SETTINGS, segment_bounds
 
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     start = time.perf_counter()
-    embedder = musicnn.MusicnnEmbedder(musicnn.weights_dir(None))
+    batch_size = project_params()["resources"]["features"]["musicnn_batch_size"]
+    embedder = musicnn.MusicnnEmbedder(musicnn.weights_dir(None), batch_size)
     build = time.perf_counter() - start
     timings = []
     for index, path in enumerate(paths):
@@ -100,10 +108,12 @@ def stage_run(paths: list[Path], workers: int, with_musicnn: bool, cache: Path):
     """The stage's extraction of every clip; (seconds, worker peak bytes, results)."""
     from gtzan_mlops import musicnn
     from gtzan_mlops.extract import ClipJob, ExtractionSettings, extract_all
-    from gtzan_mlops.features import FeatureSettings
+    from gtzan_mlops.features import REFERENCE_SETTINGS
 
     settings = ExtractionSettings(
-        FeatureSettings(), musicnn.weights_dir(None) if with_musicnn else None
+        REFERENCE_SETTINGS,
+        musicnn.weights_dir(None) if with_musicnn else None,
+        project_params()["resources"]["features"]["musicnn_batch_size"],
     )
     jobs = [
         ClipJob(p.stem, p.parent.name, p, cache / f"{int(with_musicnn)}-{p.stem}.npz")
@@ -129,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from gtzan_mlops import comparison, extract
-    from gtzan_mlops.features import FeatureSettings
+    from gtzan_mlops.features import REFERENCE_SETTINGS
 
     paths = list_clips(args.clips_dir, args.limit)
     print(f"{len(paths)} clips from {args.clips_dir}, {os.cpu_count()} cores\n")
@@ -160,10 +170,15 @@ def main() -> None:
             f"{'met' if after[1] < 2 * 1024 * MIB else 'MISSED'})"
         )
 
-        tables = extract.build_tables(after[2], FeatureSettings())
+        tables = extract.build_tables(after[2], REFERENCE_SETTINGS)
         for name, table in tables.items():
             table.to_csv(folder / name, index=False)
-        scores = comparison.compare_feature_sets(folder, FeatureSettings().n_mfcc)
+        folds = project_params()["report"]["feature_sets"]
+        scores = comparison.compare_feature_sets(
+            folder,
+            REFERENCE_SETTINGS.n_mfcc,
+            comparison.ComparisonSettings(folds["n_splits"], folds["n_repeats"], folds["seed"]),
+        )
     print(f"\n3. accuracy, clip-level vectors, split {comparison.SPLIT_LABEL} (whole clips,")
     print("   artists not kept apart), 21 folds, the same folds for every row")
     print("   " + "\n   ".join(comparison.markdown_table(scores)))

@@ -119,7 +119,7 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
     import pandas as pd
 
     from gtzan_mlops import tracking
-    from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings
+    from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS
     from gtzan_mlops.models import build_classic, log_classifier
     from gtzan_mlops.predict import default_model_uri
     from gtzan_mlops.promote import CHAMPION_ALIAS
@@ -148,7 +148,7 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
         flavor="sklearn",
         level="segment",
         classes=tuple(genres),
-        feature_settings=FeatureSettings().to_dict(),  # the reference table's settings
+        feature_settings=REFERENCE_SETTINGS.to_dict(),  # the reference table's settings
     )
     with mlflow.start_run(run_name="demo-native-logistic_regression"):
         classifier_uri = log_classifier(classifier, "sklearn", features.head(5)).model_uri

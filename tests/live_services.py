@@ -225,7 +225,7 @@ def small_project(
             "evaluate.candidates": list(families),
             # The synthetic tables are hand-crafted ones only, of no audio to fingerprint.
             "train.candidate_feature_sets": [],
-            "split.duplicates_file": None,
+            "split.group_duplicates": False,
             "evaluate.families": list(families),
             **{f"train.{family}.n_trials": n_trials for family in families},
             **QUICK_BUDGETS,

@@ -21,7 +21,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from gtzan_mlops.config import load_params
-from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings
+from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS
 from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
 
 GENRES = ["blues", "classical", "country", "disco", "hiphop"]
@@ -124,7 +124,7 @@ def log_served(
         flavor="sklearn",
         level=level,
         classes=tuple(GENRES),
-        feature_settings=FeatureSettings().to_dict(),
+        feature_settings=REFERENCE_SETTINGS.to_dict(),
     )
     with mlflow.start_run(run_name=f"serving-{family}"):
         info = log_serving_model(
@@ -211,7 +211,7 @@ def fit_confusing(rows: pd.DataFrame, confused_genres: int) -> Pipeline:
 def training_record(family: str, model_uri: str, level: str, data) -> dict:
     """What a training stage writes to data/train/<model>.json, for a synthetic model (named
     `family` here, on the hand-crafted features)."""
-    settings = FeatureSettings().to_dict()
+    settings = REFERENCE_SETTINGS.to_dict()
     settings.pop("last_segment_min_fraction")
     return {
         "model": family,

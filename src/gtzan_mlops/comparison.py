@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gtzan_mlops import feature_sets
+from gtzan_mlops import feature_sets, markdown
 
 SPLIT_LABEL = "clip-kfold"  # whole clips per fold; artists are not kept apart
 CLASSIFIERS = ("logistic_regression", "svm_rbf")
@@ -28,9 +28,11 @@ class ComparisonError(ValueError):
 
 @dataclass(frozen=True)
 class ComparisonSettings:
-    n_splits: int = 7
-    n_repeats: int = 3
-    seed: int = 0
+    """params `report.feature_sets`: repeated stratified k-fold over the clips."""
+
+    n_splits: int
+    n_repeats: int
+    seed: int
 
 
 def _classifier(name: str, seed: int):
@@ -51,7 +53,7 @@ def _classifier(name: str, seed: int):
 def compare_feature_sets(
     features_dir: Path,
     n_mfcc: int,
-    settings: ComparisonSettings = ComparisonSettings(),
+    settings: ComparisonSettings,
     sets: tuple[str, ...] = feature_sets.FEATURE_SETS,
 ) -> pd.DataFrame:
     """One row per feature set and classifier: mean and sample std of the fold accuracies.
@@ -107,15 +109,14 @@ def compare_feature_sets(
 def markdown_table(table: pd.DataFrame) -> list[str]:
     """Rows: feature sets; columns: classifiers; cells: mean ± std accuracy."""
     classifiers = list(dict.fromkeys(table["classifier"]))
-    lines = [
-        "| feature set | " + " | ".join(classifiers) + " |",
-        "|---|" + "---|" * len(classifiers),
-    ]
-    for name, rows in table.groupby("feature_set", sort=False):
-        by = rows.set_index("classifier")
-        cells = [
-            f"{by.loc[c, 'mean_accuracy']:.3f} ± {by.loc[c, 'std_accuracy']:.3f}"
-            for c in classifiers
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    rows = []
+    for name, scores in table.groupby("feature_set", sort=False):
+        by = scores.set_index("classifier")
+        rows.append(
+            [name]
+            + [
+                f"{by.loc[c, 'mean_accuracy']:.3f} ± {by.loc[c, 'std_accuracy']:.3f}"
+                for c in classifiers
+            ]
+        )
+    return markdown.table(["feature set", *classifiers], rows)

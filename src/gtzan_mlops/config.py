@@ -32,7 +32,26 @@ def find_repo_root(start: Path | None = None) -> Path:
 
 
 def load_params(path: Path | str | None = None) -> dict[str, Any]:
-    """Read params.yaml (default: the one at the repository root)."""
+    """Read and validate params.yaml (default: the one at the repository root)."""
+    params_path = Path(path) if path is not None else find_repo_root() / PARAMS_FILE
+    return validate_params(read_params(params_path), params_path)
+
+
+def validate_params(params: dict[str, Any], source: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """`params` checked against the schema (params_schema), with values of their types; a
+    ConfigError lists every unknown, missing or mistyped setting by its path."""
+    from pydantic import ValidationError
+
+    from gtzan_mlops import params_schema
+
+    try:
+        return params_schema.validated(params)
+    except ValidationError as error:
+        raise ConfigError(params_schema.describe_errors(error, str(source))) from None
+
+
+def read_params(path: Path | str | None = None) -> dict[str, Any]:
+    """params.yaml as written, not yet validated."""
     params_path = Path(path) if path is not None else find_repo_root() / PARAMS_FILE
     try:
         with open(params_path, encoding="utf-8") as handle:
@@ -101,8 +120,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
 def stage_params(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """The params (overrides applied) and the repository root a stage command runs against."""
     root = args.params.resolve().parent if args.params else find_repo_root()
-    params = load_params(args.params or root / PARAMS_FILE)
-    return apply_overrides(params, args.overrides), root
+    path = args.params or root / PARAMS_FILE
+    return validate_params(apply_overrides(read_params(path), args.overrides), path), root
 
 
 def stage_arguments(args: argparse.Namespace) -> list[str]:

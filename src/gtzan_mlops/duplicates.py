@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gtzan_mlops import markdown
 from gtzan_mlops.audio import AudioError, decode_mono
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import ConfigError, resolve_path, section
@@ -41,9 +42,7 @@ from gtzan_mlops.split_data import GROUP_COLUMN, connected_components
 
 log = logging.getLogger(__name__)
 
-CLIPS_TABLE = "data/duplicates.csv"
-PAIRS_TABLE = "data/duplicate_pairs.csv"
-REPORT = "reports/duplicates/duplicates.md"
+REPORT_FILE = "duplicates.md"  # in paths.duplicates_report
 CLIP_COLUMNS = ("track_id", "genre", "path", "samples_sha256", "fingerprint_items", "problem")
 PAIR_COLUMNS = ("track_a", "track_b", "match", "similarity", "offset_s")
 # Chromaprint's default algorithm: 11025 Hz, frames of 4096 samples every 4096/3.
@@ -62,7 +61,7 @@ class MatchSettings:
     window_s: float  # the stretch of one clip compared with the other
     max_offset_s: float  # how far one copy may start after the other
     min_similarity: float  # share of agreeing fingerprint bits that makes a match
-    workers: int  # fpcalc processes at once; 0 = one per core
+    workers: int  # fpcalc processes at once (resources.duplicates.workers); 0 = one per core
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> MatchSettings:
@@ -73,7 +72,7 @@ class MatchSettings:
                 window_s=float(values["window_s"]),
                 max_offset_s=float(values["max_offset_s"]),
                 min_similarity=float(values["min_similarity"]),
-                workers=int(values["workers"]),
+                workers=int(params["resources"]["duplicates"]["workers"]),
             )
         except KeyError as error:
             raise ConfigError(f"params duplicates.{error.args[0]}: missing setting") from error
@@ -255,7 +254,7 @@ def analyse(
     hashed = clips[clips["samples_sha256"] != ""]
     pairs = find_pairs(hashed, fingerprints, settings)
     groups = group_ids(list(clips["track_id"]), pairs)
-    clips[GROUP_COLUMN] = clips["track_id"].map(groups).fillna("")
+    clips[GROUP_COLUMN] = [groups.get(track, "") for track in clips["track_id"]]
     return clips[[*CLIP_COLUMNS, GROUP_COLUMN]], pairs
 
 
@@ -277,28 +276,33 @@ def report_markdown(clips: pd.DataFrame, pairs: pd.DataFrame, settings: MatchSet
         lines.append("")
     for group, members in grouped.groupby(GROUP_COLUMN, sort=True):
         ids = set(members["track_id"])
-        lines += [f"## {group}", "", "| clip a | clip b | match | similarity | offset s |"]
-        lines.append("|---|---|---|---:|---:|")
-        for pair in pairs[pairs["track_a"].isin(ids)].itertuples():
-            lines.append(
-                f"| {pair.track_a} | {pair.track_b} | {pair.match} | {pair.similarity:.3f} | "
-                f"{pair.offset_s:+.2f} |"
-            )
-        lines.append("")
+        matched = [
+            [
+                pair.track_a,
+                pair.track_b,
+                pair.match,
+                f"{pair.similarity:.3f}",
+                f"{pair.offset_s:+.2f}",
+            ]
+            for pair in pairs[pairs["track_a"].isin(ids)].itertuples()
+        ]
+        header = ["clip a", "clip b", "match", "similarity", "offset s"]
+        lines += [f"## {group}", "", *markdown.table(header, matched, align="lllrr"), ""]
     return "\n".join(lines)
 
 
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     settings = MatchSettings.from_params(params)
-    manifest_path = root / "data" / "manifest.csv"
+    paths = params["paths"]
+    manifest_path = resolve_path(paths["manifest"], root)
     try:
         manifest = pd.read_csv(manifest_path, dtype={"track_id": str})
     except FileNotFoundError:
         raise DuplicatesError(f"{manifest_path}: no such file (run the fetch stage)") from None
     clips, pairs = analyse(manifest, root, settings)
-    clips.to_csv(root / CLIPS_TABLE, index=False)
-    pairs.to_csv(root / PAIRS_TABLE, index=False)
-    report = root / REPORT
+    clips.to_csv(resolve_path(paths["duplicates"], root), index=False)
+    pairs.to_csv(resolve_path(paths["duplicate_pairs"], root), index=False)
+    report = resolve_path(paths["duplicates_report"], root) / REPORT_FILE
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(report_markdown(clips, pairs, settings) + "\n", encoding="utf-8")
     grouped = clips[clips[GROUP_COLUMN] != ""]

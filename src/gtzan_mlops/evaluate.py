@@ -77,7 +77,7 @@ def evaluate_family(record: dict[str, Any], data: TestData) -> FamilyEvaluation:
         classifier,
         record["level"],
         list(record["classes"]),
-        feature_sets.columns(feature_set, int(record["feature_settings"].get("n_mfcc", 20))),
+        feature_sets.columns(feature_set, int(record["feature_settings"]["n_mfcc"])),
         data.rows(record["level"], feature_set),
         family=record_model(record),
     )
@@ -192,7 +192,7 @@ def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def selection_metric(stage: dict[str, Any]) -> str:
-    metric = str(stage.get("metric", "test_song_macro_f1"))
+    metric = str(stage["metric"])
     if metric.removeprefix(f"{TEST_SUBSET}_") not in METRICS:
         raise ConfigError(
             f"evaluate.metric must be one of {[f'{TEST_SUBSET}_{m}' for m in METRICS]}, "
@@ -206,11 +206,11 @@ def trained_models(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     order of preference on a tie: every family of `evaluate.families` (default
     `train.families`) on each of `train.feature_sets`, and the `evaluate.candidates` also on
     each of `train.candidate_feature_sets`."""
-    stage, train = params.get("evaluate", {}), params.get("train", {})
-    candidates = list(stage.get("candidates", []))
-    families = list(stage.get("families") or train.get("families", candidates))
-    sets = list(train.get("feature_sets", [feature_sets.HANDCRAFTED]))
-    candidate_sets = list(dict.fromkeys([*sets, *train.get("candidate_feature_sets", [])]))
+    stage, train = params["evaluate"], params["train"]
+    candidates = list(stage["candidates"])
+    families = list(stage["families"] or train["families"])
+    sets = list(train["feature_sets"])
+    candidate_sets = list(dict.fromkeys([*sets, *train["candidate_feature_sets"]]))
     winners = [feature_sets.model_key(f, s) for f in candidates for s in candidate_sets]
     models = [feature_sets.model_key(f, s) for f in families for s in sets]
     return list(dict.fromkeys([*models, *winners])), winners
@@ -220,10 +220,10 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     """Evaluate every trained family on the test set, pick the winner, write the metrics."""
     from gtzan_mlops import tracking
 
-    stage = params.get("evaluate", {})
+    paths = params["paths"]
     models, candidates = trained_models(params)
-    metric = selection_metric(stage)
-    records_dir = resolve_path(stage.get("records_dir", "data/train"), root)
+    metric = selection_metric(params["evaluate"])
+    records_dir = resolve_path(paths["train_records"], root)
     records = {
         model: load_family_record(records_dir / f"{model}.json")
         if (records_dir / f"{model}.json").is_file()
@@ -231,7 +231,7 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         for model in models
     }
     tracking.use_store(root)
-    output_dir = resolve_path(stage.get("reports_dir", "reports/evaluate"), root)
+    output_dir = resolve_path(paths["evaluate_reports"], root)
     summary = evaluate_records(
         records,
         load_test_data(params, root),
@@ -240,7 +240,7 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         list(params["genres"]),
         output_dir,
     )
-    metrics_path = resolve_path(stage.get("metrics", "metrics/evaluate.json"), root)
+    metrics_path = resolve_path(paths["metrics"], root) / "evaluate.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(key_metrics(summary), indent=2) + "\n")
     log_evaluation(summary, output_dir, tracking.experiment_name(params), root)

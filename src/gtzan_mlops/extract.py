@@ -239,7 +239,7 @@ def extract_all(
             raise WorkerCrashError(
                 f"a worker process of the features stage died ({error}); {len(unfinished)} "
                 f"clips unfinished, among them the one it was on: {shown}. Clips finished so "
-                "far are cached; rerun with features.workers: 1 to see which clip fails"
+                "far are cached; rerun with resources.features.workers: 1 to see which clip fails"
             ) from error
         finally:
             # Stopped early (an error, Ctrl-C): drop the chunks not started instead of waiting.
@@ -320,11 +320,11 @@ def build_tables(results: list[ClipResult], settings: FeatureSettings) -> dict[s
 def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[str, int]:
     """Extract every usable clip of the manifest and write the tables; returns counts."""
     settings = ExtractionSettings.from_params(params, root)
-    stage = params["features"]
-    manifest_path = resolve_path(stage.get("manifest", "data/manifest.csv"), root)
-    output_dir = resolve_path(stage.get("output_dir", "data/features"), root)
-    cache_dir = resolve_path(stage.get("cache_dir", "data/features/cache"), root)
-    workers = int(stage.get("workers", 0)) or os.cpu_count() or 1
+    paths, resources = params["paths"], params["resources"]["features"]
+    manifest_path = resolve_path(paths["manifest"], root)
+    output_dir = resolve_path(paths["features"], root)
+    cache_dir = resolve_path(paths["features_cache"], root)
+    workers = int(resources["workers"]) or os.cpu_count() or 1
 
     try:
         manifest = pd.read_csv(manifest_path, dtype={"track_id": str, "sha256": str})
@@ -340,7 +340,7 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
         total=len(jobs), desc="features", unit="clip", disable=progress_off(show_progress)
     )
     with progress:
-        for result in extract_all(jobs, settings, workers, int(stage.get("chunksize", 1))):
+        for result in extract_all(jobs, settings, workers, int(resources["chunksize"])):
             if result.error:
                 log.warning("skipped %s", result.error)
             results.append(result)

@@ -53,18 +53,17 @@ class ExtractionSettings:
     # The MSD_musicnn checkpoint folder; the stage always has one, None (hand-crafted features
     # only) is for measuring what the embeddings cost (benchmarks).
     musicnn_weights: Path | None = None
-    musicnn_batch_size: int = 16
+    musicnn_batch_size: int | None = None  # resources.features.musicnn_batch_size, with weights
 
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> ExtractionSettings:
-        own = params["features"].get("musicnn") or {}
         from gtzan_mlops.musicnn import weights_dir
 
-        configured = own.get("weights_dir")
+        configured = params["features"]["musicnn"]["weights_dir"]
         return cls(
             features=FeatureSettings.from_params(params),
             musicnn_weights=weights_dir(resolve_path(configured, root) if configured else None),
-            musicnn_batch_size=int(own.get("batch_size", 16)),
+            musicnn_batch_size=int(params["resources"]["features"]["musicnn_batch_size"]),
         )
 
 
@@ -216,7 +215,7 @@ def extract_sets(
     musicnn_weights: Path | None,
     include_clip: bool = True,
     handcrafted: bool = True,
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> ExtractedSets:
     """The feature sets of one decoded clip (mono, at its own `file_rate`).
 
@@ -236,6 +235,8 @@ def extract_sets(
         hand = ClipFeatures(np.empty(0), np.empty((0, 0)))
     if musicnn_weights is None:
         return ExtractedSets(hand, len(samples))
+    if batch_size is None or batch_size < 1:
+        raise ValueError(f"musicnn needs a batch size of at least 1, got {batch_size!r}")
     from gtzan_mlops import musicnn
 
     starts = [start / settings.sample_rate for start, _ in segment_bounds(len(samples), settings)]

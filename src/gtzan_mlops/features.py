@@ -49,24 +49,24 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """Everything that decides a feature value; stored with every trained model."""
+    """Everything that decides a feature value (params `features`); stored with every trained
+    model."""
 
-    sample_rate: int = 22050
-    n_fft: int = 2048
-    hop_length: int = 512
-    n_mfcc: int = 20
-    clip_seconds: float = 30.0
-    segment_seconds: float = 3.0
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mfcc: int
+    clip_seconds: float
+    segment_seconds: float
     # A final segment this much complete still counts, moved back to end at the clip's end: many
     # GTZAN clips are a few ms short of 30 s and would otherwise lose their tenth segment.
-    last_segment_min_fraction: float = 0.99
+    last_segment_min_fraction: float
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
-        """The `features` section of params.yaml (extra keys such as `workers` are ignored)."""
-        section = params.get("features", params)
-        names = cls.__dataclass_fields__
-        return cls(**{key: section[key] for key in names if key in section})
+        """The `features` section of params.yaml (its `musicnn` part is ExtractionSettings')."""
+        section = params["features"]
+        return cls(**{key: section[key] for key in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +78,19 @@ class FeatureSettings:
     @property
     def max_segments(self) -> int:
         return round(self.clip_seconds / self.segment_seconds)
+
+
+# The settings of the widely used GTZAN feature table (features_30_sec.csv, features_3_sec.csv),
+# which params.yaml's `features` reproduce: what benchmarks and tests compare against.
+REFERENCE_SETTINGS = FeatureSettings(
+    sample_rate=22050,
+    n_fft=2048,
+    hop_length=512,
+    n_mfcc=N_MFCC_REFERENCE,
+    clip_seconds=30.0,
+    segment_seconds=3.0,
+    last_segment_min_fraction=0.99,
+)
 
 
 def feature_names(n_mfcc: int = N_MFCC_REFERENCE) -> tuple[str, ...]:

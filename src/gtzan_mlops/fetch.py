@@ -55,10 +55,6 @@ from gtzan_mlops.tracking import file_digest
 
 log = logging.getLogger(__name__)
 
-# The stage's outputs, as dvc.yaml declares them (relative to the repository root).
-RAW_DIR = "data/raw"
-MANIFEST = "data/manifest.csv"
-
 SOURCES = ("demo", "local", "gtzan")
 SYNTHETIC_SOURCE = "synthetic-demo"  # the manifest's `source` for generated clips
 MANIFEST_COLUMNS = (
@@ -271,7 +267,7 @@ def _plan_source(
 ) -> tuple[str, Callable[[], object]]:
     """(manifest source label, the step writing the audio into raw_dir), config checked first."""
     data = section(params, "data")
-    source = data.get("source")
+    source = data["source"]
     if source not in SOURCES:
         raise ConfigError(
             f"params.yaml: data.source is {source!r}; expected one of: {', '.join(SOURCES)}"
@@ -287,7 +283,7 @@ def _plan_source(
             generate_synthetic_demo, genres, raw_dir, clips, duration_s, sample_rate, seed
         )
     if source == "local":
-        local_dir = data.get("local_dir")
+        local_dir = data["local_dir"]
         if not local_dir:
             raise ConfigError("params.yaml: data.local_dir must be set when data.source is local")
         folder = find_genres_folder(resolve_path(local_dir, root), "data.local_dir")
@@ -327,22 +323,21 @@ def _plan_source(
 
 
 def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Write data/raw and data/manifest.csv from `data.source`; returns the summary counts.
+    """Write the audio (paths.raw) and the manifest (paths.manifest) from `data.source`;
+    returns the summary counts.
 
     Raises ConfigError or FetchError when the stage as a whole cannot run; bad clips are only
     reported in the manifest.
     """
-    raw_dir = root / RAW_DIR
-    manifest_path = root / MANIFEST
+    raw_dir = resolve_path(params["paths"]["raw"], root)
+    manifest_path = resolve_path(params["paths"]["manifest"], root)
     data = section(params, "data")
     gates = ManifestGates(
         genres=_genres(params),
         min_duration_s=number_setting(data, "min_duration_s", "data", float, minimum=0),
         silence_peak=number_setting(data, "silence_peak", "data", float, minimum=0),
     )
-    workers = number_setting({"workers": 0, **data}, "workers", "data", int, minimum=0) or (
-        os.cpu_count() or 1
-    )
+    workers = params["resources"]["fetch"]["workers"] or os.cpu_count() or 1
     source, write_audio = _plan_source(params, root, raw_dir, show_progress)
 
     # A fresh output every run: a changed source leaves no stale clips or manifest behind.

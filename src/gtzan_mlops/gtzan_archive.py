@@ -266,9 +266,9 @@ class GtzanSettings:
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> GtzanSettings:
         gtzan = section(params, "data.gtzan")
-        folder, archive = gtzan.get("folder"), gtzan.get("archive")
-        mirrors = gtzan.get("mirrors") or []
-        md5 = str(gtzan.get("md5") or "")
+        folder, archive, mirrors, md5 = (
+            gtzan[key] for key in ("folder", "archive", "mirrors", "md5")
+        )
         if len(md5) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5):
             raise ConfigError(f"params.yaml: data.gtzan.md5 must be 32 hex digits, got {md5!r}")
         if not isinstance(mirrors, list) or not all(isinstance(url, str) for url in mirrors):
@@ -278,12 +278,10 @@ class GtzanSettings:
             archive=resolve_path(archive, root) if archive else None,
             md5=md5.lower(),
             mirrors=tuple(mirrors),
-            download_dir=resolve_path(gtzan.get("download_dir") or "data/download", root),
+            download_dir=resolve_path(gtzan["download_dir"], root),
             retries=number_setting(gtzan, "retries", "data.gtzan", int, minimum=0),
             timeout_s=number_setting(gtzan, "timeout_s", "data.gtzan", float, minimum=0.001),
-            retry_backoff_s=number_setting(
-                {"retry_backoff_s": 2.0, **gtzan}, "retry_backoff_s", "data.gtzan", float, 0
-            ),
+            retry_backoff_s=number_setting(gtzan, "retry_backoff_s", "data.gtzan", float, 0),
         )
 
 

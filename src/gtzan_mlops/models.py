@@ -113,6 +113,14 @@ def fixed(space: dict[str, Any]) -> dict[str, Any]:
 # --- building and fitting -------------------------------------------------------------------
 
 
+def required(hyperparameters: dict[str, Any], name: str, family: str) -> Any:
+    """A hyperparameter the family cannot do without, from `train.<family>.space` (a fixed
+    value or a tuned one); there is no fallback value in the code."""
+    if name not in hyperparameters:
+        raise ConfigError(f"train.{family}.space sets no {name!r}, which {family} needs")
+    return hyperparameters[name]
+
+
 def hidden_layers(text: str | int) -> tuple[int, ...]:
     """`"512-256"` -> (512, 256): MLP layer sizes as one categorical choice."""
     try:
@@ -238,7 +246,7 @@ def build_network(
     normalise = keras.layers.Normalization(name="standardise")
     normalise.adapt(train_features)
     layers: list[Any] = [keras.Input(shape=(n_features,), name="features"), normalise]
-    dropout = float(hyperparameters.get("dropout", 0.2))
+    dropout = float(required(hyperparameters, "dropout", family))
     if family == "fnn":
         for width in (1024, 512, 256, 128, 64):
             layers += [
@@ -279,7 +287,9 @@ def fit_keras(
     features, labels = _features(train[0]), np.asarray(train[1])
     network = build_network(family, hyperparameters, features.shape[1], n_classes, features)
     network.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(hyperparameters["learning_rate"])),
+        optimizer=keras.optimizers.Adam(
+            learning_rate=float(required(hyperparameters, "learning_rate", family))
+        ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -287,13 +297,13 @@ def fit_keras(
     losses: list[float] = []
     callbacks: list[Any] = []
     validation = None
-    epochs = int(budget or hyperparameters["epochs"])
+    epochs = int(budget or required(hyperparameters, "epochs", family))
     if valid is not None:
         validation = (_features(valid[0]), np.asarray(valid[1]))
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor="val_loss",
-                patience=int(hyperparameters.get("patience", 10)),
+                patience=int(required(hyperparameters, "patience", family)),
                 restore_best_weights=True,
             )
         )
@@ -312,7 +322,7 @@ def fit_keras(
         features,
         labels,
         epochs=epochs,
-        batch_size=int(hyperparameters.get("batch_size", 32)),
+        batch_size=int(required(hyperparameters, "batch_size", family)),
         validation_data=validation,
         callbacks=callbacks,
         shuffle=True,
@@ -336,8 +346,8 @@ def fit_xgboost(
     log loss stops falling, else it runs exactly `budget` rounds."""
     import xgboost
 
-    values = dict(hyperparameters)
-    patience = int(values.pop("early_stopping_rounds", 20))
+    # Early stopping is a setting of the fit (with validation rows), not of XGBClassifier.
+    values = {k: v for k, v in hyperparameters.items() if k != "early_stopping_rounds"}
     curve: list[tuple[int, float]] = []
 
     class Report(xgboost.callback.TrainingCallback):
@@ -363,7 +373,9 @@ def fit_xgboost(
         # The last eval metric drives early stopping: log loss; merror is reported to Optuna.
         settings.update(
             eval_metric=["merror", "mlogloss"],
-            early_stopping_rounds=patience,
+            early_stopping_rounds=int(
+                required(hyperparameters, "early_stopping_rounds", "xgboost")
+            ),
             callbacks=[Report()],
         )
     model = xgboost.XGBClassifier(**settings)

@@ -262,7 +262,7 @@ class SegmentEmbeddings:
 class MusicnnEmbedder:
     """MSD_musicnn with its weights loaded; one per process (building it costs about a second)."""
 
-    def __init__(self, folder: Path, batch_size: int = 16):
+    def __init__(self, folder: Path, batch_size: int):
         if batch_size < 1:
             raise MusicnnError(f"the musicnn batch size must be at least 1, got {batch_size}")
         self.folder = folder
@@ -298,7 +298,7 @@ class MusicnnEmbedder:
 _EMBEDDERS: dict[tuple[Path, int], MusicnnEmbedder] = {}
 
 
-def embedder(folder: Path, batch_size: int = 16) -> MusicnnEmbedder:
+def embedder(folder: Path, batch_size: int) -> MusicnnEmbedder:
     """The process's embedder for the weights in `folder`, built on first use."""
     key = (Path(folder), int(batch_size))
     if key not in _EMBEDDERS:

@@ -59,13 +59,11 @@ def scatter_png(
 
 
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
-    stage = params.get("pca", {})
-    table = resolve_path(stage.get("input", "data/features/features_30_sec.csv"), root)
-    output_dir = resolve_path(stage.get("output_dir", "reports/pca"), root)
+    seed = int(params["pca"]["seed"])
+    table = resolve_path(params["paths"]["features"], root) / "features_30_sec.csv"
+    output_dir = resolve_path(params["paths"]["pca"], root)
     features = pd.read_csv(table)
-    points, explained = project(
-        features, int(params["features"]["n_mfcc"]), int(stage.get("seed", 0))
-    )
+    points, explained = project(features, int(params["features"]["n_mfcc"]), seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     points.to_csv(output_dir / "pca_30_sec.csv", index=False)
     scatter_png(points, explained, list(params["genres"]), output_dir / "pca_30_sec.png")
@@ -77,7 +75,7 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         tracking.experiment_name(params),
         stage="pca",
         run_name="pca [30 s features]",
-        params={"seed": int(stage.get("seed", 0)), "clips": len(points)},
+        params={"seed": seed, "clips": len(points)},
         metrics={"pc1_explained": explained[0], "pc2_explained": explained[1]},
         artifacts=[output_dir / "pca_30_sec.png", output_dir / "pca_30_sec.csv"],
     )

@@ -39,7 +39,7 @@ class FileResult:
 
 
 def default_model_uri(params: dict[str, Any]) -> str:
-    name = params.get("promote", {}).get("model_name", "gtzan-genre-classifier")
+    name = params["promote"]["model_name"]
     return f"models:/{name}@champion"
 
 

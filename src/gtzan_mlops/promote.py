@@ -90,7 +90,7 @@ def decide_promotion(
     champion: ChampionEvidence | None,
     current_data: DataVersion,
     min_improvement: float,
-    on_data_change: str = "keep",
+    on_data_change: str,
 ) -> Decision:
     """Whether the challenger (scored on `current_data`) takes the champion alias.
 
@@ -231,21 +231,21 @@ def version_tags(
 class PromotionSettings:
     """The `promote` and `serving` sections of params.yaml."""
 
-    model_name: str = "gtzan-genre-classifier"
-    min_improvement: float = 0.0
-    on_data_change: str = "keep"
-    experiment_name: str | None = None
+    model_name: str
+    min_improvement: float
+    on_data_change: str
+    experiment_name: str | None  # None: the experiment of the winner's training run
     limits: ServingLimits | None = None  # the served model's config (params serving)
     musicnn_weights: Path | None = None  # the checkpoint logged with a model on musicnn features
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
-        stage = params.get("promote", {})
+        stage = params["promote"]
         settings = cls(
-            model_name=str(stage.get("model_name", cls.model_name)),
-            min_improvement=float(stage.get("min_improvement", cls.min_improvement)),
-            on_data_change=str(stage.get("on_data_change", cls.on_data_change)),
-            experiment_name=stage.get("experiment_name"),
+            model_name=str(stage["model_name"]),
+            min_improvement=float(stage["min_improvement"]),
+            on_data_change=str(stage["on_data_change"]),
+            experiment_name=stage["experiment_name"],
         )
         if settings.on_data_change not in ON_DATA_CHANGE:
             raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
@@ -267,6 +267,105 @@ def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSetti
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def judge_challenger(
+    held_by: Any,
+    record: dict[str, Any],
+    data: TestData,
+    metric: str,
+    challenger_value: float,
+    settings: PromotionSettings,
+) -> tuple[Decision, ChampionEvidence | None]:
+    """Whether the winner (its training `record`, scoring `challenger_value`) takes the alias
+    from the registered champion `held_by` (None: there is none), and the champion's evidence:
+    its score recomputed on the same test data when that data is what it was evaluated on."""
+    if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
+        # The champion's own classifier, served by other code or settings: nothing to compare.
+        reason = (
+            f"the classifier of champion version {held_by.version}, with new serving code or "
+            "serving settings"
+        )
+        return Decision(True, reason), None
+    feature_set = record_feature_set(record)
+    current_data = DataVersion(
+        data.split_sha256, data.features_sha256(record["level"], feature_set)
+    )
+    champion: ChampionEvidence | None = None
+    if held_by is not None:
+        # The champion is compared on the data it would see now: its own level's features.
+        level = held_by.tags.get("level", record["level"])
+        held_set = held_by.tags.get("feature_set", feature_sets.HANDCRAFTED)
+        current_data = DataVersion(data.split_sha256, data.features_sha256(level, held_set))
+        then = DataVersion(
+            held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
+        )
+        champion = ChampionEvidence(
+            version=held_by.version,
+            data=then,
+            value=rescore_version(settings.model_name, held_by.version, metric, data)
+            if then == current_data
+            else None,
+        )
+    decision = decide_promotion(
+        challenger_value,
+        champion,
+        current_data,
+        settings.min_improvement,
+        settings.on_data_change,
+    )
+    return decision, champion
+
+
+def register_serving_model(
+    spec: Any,
+    record: dict[str, Any],
+    metric: str,
+    challenger_value: float,
+    tags: dict[str, str],
+    decision: Decision,
+    settings: PromotionSettings,
+) -> Any:
+    """Log the serving model of `spec` around the winner's classifier in a `serving-<model>`
+    run, register it as a new version with `tags` and the decision, and move the champion alias
+    to it if the decision says so; returns the model version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from gtzan_mlops import serving, tracking
+
+    launched = tracking.launched_run_id()  # `mlflow run . -e promote`: log into its run
+    if launched:
+        experiment_id = None
+    elif settings.experiment_name:
+        experiment_id = tracking.ensure_experiment(settings.experiment_name)
+    else:
+        experiment_id = record.get("experiment_id")
+    with mlflow.start_run(
+        run_id=launched,
+        experiment_id=experiment_id,
+        run_name=f"serving-{record_model(record)}",
+        tags={"gtzan.stage": "promote", **tags},
+    ):
+        model_info = serving.log_serving_model(
+            spec,
+            record["model_uri"],
+            settings.limits,
+            musicnn_weights=settings.musicnn_weights,
+        )
+        mlflow.log_metric(metric, challenger_value)
+    tags = {
+        **tags,
+        "promotion": "promoted" if decision.promote else "not promoted",
+        "promotion_reason": decision.reason,
+    }
+    name = settings.model_name
+    version = mlflow.register_model(model_info.model_uri, name, tags=tags)
+    client = MlflowClient()
+    client.update_model_version(name, version.version, description=decision.reason)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    return version
+
+
 def promote_winner(
     evaluation: dict[str, Any],
     record: dict[str, Any],
@@ -280,12 +379,10 @@ def promote_winner(
 
     Uses the active MLflow tracking store and registry.
     """
-    import mlflow
     from mlflow import MlflowClient
 
-    from gtzan_mlops import serving, tracking
+    from gtzan_mlops import serving
 
-    client = MlflowClient()
     name = settings.model_name
     if settings.limits is None:
         raise ConfigError("promotion needs the serving limits (params serving)")
@@ -315,7 +412,7 @@ def promote_winner(
         feature_set=feature_set,
     )
     fingerprint = serving_fingerprint(spec, record["model_uri"], settings)
-    held_by = current_champion(client, name)
+    held_by = current_champion(MlflowClient(), name)
     if held_by is not None and held_by.tags.get("serving_fingerprint") == fingerprint:
         # A rerun with the same winner, serving code and settings: nothing new to register.
         reason = f"the winner is already the champion (version {held_by.version})"
@@ -327,74 +424,16 @@ def promote_winner(
             "champion_version": int(held_by.version),
         }
 
-    champion: ChampionEvidence | None = None
-    current_data = DataVersion(
-        data.split_sha256, data.features_sha256(record["level"], feature_set)
-    )
-    if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
-        # The champion's own classifier, served by other code or settings: nothing to compare.
-        decision = Decision(
-            True,
-            f"the classifier of champion version {held_by.version}, with new serving code or "
-            "serving settings",
-        )
-    else:
-        if held_by is not None:
-            # The champion is compared on the data it would see now: its own level's features.
-            level = held_by.tags.get("level", record["level"])
-            held_set = held_by.tags.get("feature_set", feature_sets.HANDCRAFTED)
-            current_data = DataVersion(data.split_sha256, data.features_sha256(level, held_set))
-            then = DataVersion(
-                held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
-            )
-            champion = ChampionEvidence(
-                version=held_by.version,
-                data=then,
-                value=rescore_version(name, held_by.version, metric, data)
-                if then == current_data
-                else None,
-            )
-        decision = decide_promotion(
-            challenger_value,
-            champion,
-            current_data,
-            settings.min_improvement,
-            settings.on_data_change,
-        )
-
+    decision, champion = judge_challenger(held_by, record, data, metric, challenger_value, settings)
     # The new version is registered whatever the decision, so every evaluated winner can be
     # found (and promoted by hand) with the reason it was or was not promoted.
-    launched = tracking.launched_run_id()  # `mlflow run . -e promote`: log into its run
-    if launched:
-        experiment_id = None
-    elif settings.experiment_name:
-        experiment_id = tracking.ensure_experiment(settings.experiment_name)
-    else:
-        experiment_id = record.get("experiment_id")
     tags = {
         **version_tags(record, evaluation, data, metric, git_commit),
         "serving_fingerprint": fingerprint,
     }
-    with mlflow.start_run(
-        run_id=launched,
-        experiment_id=experiment_id,
-        run_name=f"serving-{winner}",
-        tags={"gtzan.stage": "promote", **tags},
-    ):
-        model_info = serving.log_serving_model(
-            spec,
-            record["model_uri"],
-            settings.limits,
-            musicnn_weights=settings.musicnn_weights,
-        )
-        mlflow.log_metric(metric, challenger_value)
-    tags["promotion"] = "promoted" if decision.promote else "not promoted"
-    tags["promotion_reason"] = decision.reason
-    version = mlflow.register_model(model_info.model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=decision.reason)
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-
+    version = register_serving_model(
+        spec, record, metric, challenger_value, tags, decision, settings
+    )
     return {
         **summary,
         "version": int(version.version),
@@ -416,14 +455,11 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     from gtzan_mlops import tracking
 
     settings = PromotionSettings.from_params(params)
-    stage = params.get("promote", {})
-    evaluate_stage = params.get("evaluate", {})
-    evaluate_path = (
-        resolve_path(evaluate_stage.get("reports_dir", "reports/evaluate"), root) / EVALUATION_FILE
-    )
-    records_dir = resolve_path(evaluate_stage.get("records_dir", "data/train"), root)
-    output = resolve_path(stage.get("reports_dir", "reports/promote"), root) / "promotion.json"
-    metrics_path = resolve_path(stage.get("metrics", "metrics/promotion.json"), root)
+    paths = params["paths"]
+    evaluate_path = resolve_path(paths["evaluate_reports"], root) / EVALUATION_FILE
+    records_dir = resolve_path(paths["train_records"], root)
+    output = resolve_path(paths["promote_reports"], root) / "promotion.json"
+    metrics_path = resolve_path(paths["metrics"], root) / "promotion.json"
     try:
         evaluation = json.loads(evaluate_path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:

@@ -13,7 +13,7 @@ from gtzan_mlops.scoring import LEVELS, EvaluationError
 from gtzan_mlops.split_data import TestData
 
 RECORD_KEYS = ("family", "flavor", "model_uri", "level", "classes", "feature_settings")
-EVALUATION_FILE = "evaluation.json"  # in evaluate.reports_dir: every model's test metrics
+EVALUATION_FILE = "evaluation.json"  # in paths.evaluate_reports: every model's test metrics
 
 
 def load_family_record(path: Path) -> dict[str, Any]:

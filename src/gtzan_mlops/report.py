@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gtzan_mlops import comparison, models, split, split_data
+from gtzan_mlops import comparison, markdown, models, split_data, split_strategies
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.comparison import ComparisonSettings
 from gtzan_mlops.config import ConfigError, resolve_path
@@ -122,17 +122,16 @@ class ReportSettings:
     hyperparameters: dict[str, dict[str, Any]]  # per family: the source study's settings
     classes: list[str]
     n_mfcc: int
-    features_dir: Path = Path("data/features")  # the tables of the feature-set comparison
-    comparison: ComparisonSettings = field(default_factory=ComparisonSettings)
+    features_dir: Path  # the tables of the feature-set comparison
+    comparison: ComparisonSettings
 
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> ReportSettings:
-        stage = params.get("report") or {}
-        train = params.get("train", {})
-        features_dir = params.get("features", {}).get("output_dir", "data/features")
-        filtered = params.get("split", {}).get("artist_filtered", {}) or {}
-        lists_dir = stage.get("lists_dir") or filtered.get("lists_dir")
-        families = stage.get("families") or train.get("families") or list(models.FAMILIES)
+        stage, train = params["report"], params["train"]
+        features_dir = params["paths"]["features"]
+        filtered = params["split"]["artist_filtered"]
+        lists_dir = stage["lists_dir"] or filtered["lists_dir"]
+        families = stage["families"] or train["families"]
         if isinstance(families, str):
             families = [families]
         families = list(dict.fromkeys(str(family) for family in families))
@@ -145,49 +144,40 @@ class ReportSettings:
         for family in families:
             if family not in train:
                 raise ConfigError(f"params.yaml: missing setting 'train.{family}'")
-            own = train[family] or {}
-            hyperparameters[family] = {
-                **models.fixed(own.get("space") or {}),
-                **(own.get("defaults") or {}),
-            }
-        seeds = stage.get("seeds", [0, 1, 2])
+            own = train[family]
+            hyperparameters[family] = {**models.fixed(own["space"]), **own["defaults"]}
+        seeds = stage["seeds"]
         seeds = [int(seeds)] if isinstance(seeds, int | str) else [int(seed) for seed in seeds]
         if not seeds:
             raise ConfigError("report.seeds must name at least one seed")
-        test_size = float(stage.get("test_size", 0.3))
+        test_size = float(stage["test_size"])
         if not 0 < test_size < 1:
             raise ConfigError(f"report.test_size must be in (0, 1), got {test_size}")
-        published = {str(k): float(v) for k, v in (stage.get("published") or {}).items()}
-        sets = stage.get("feature_sets") or {}
+        published = {str(k): float(v) for k, v in stage["published"].items()}
+        sets = stage["feature_sets"]
         return cls(
             reference_table=resolve_path(
-                stage.get("reference_table") or f"{features_dir}/features_30_sec.csv", root
+                stage["reference_table"] or f"{features_dir}/features_30_sec.csv", root
             ),
             segments_table=resolve_path(
-                stage.get("segments_table") or f"{features_dir}/features_3_sec.csv", root
+                stage["segments_table"] or f"{features_dir}/features_3_sec.csv", root
             ),
             lists_dir=resolve_path(lists_dir, root) if lists_dir else None,
             download={
-                "url": filtered.get("url"),
-                "download_dir": resolve_path(
-                    filtered.get("download_dir", "data/download/gtzan_splits"), root
-                ),
-                "timeout_s": float(filtered.get("timeout_s", 30)),
+                "url": filtered["url"],
+                "download_dir": resolve_path(filtered["download_dir"], root),
+                "timeout_s": float(filtered["timeout_s"]),
             },
             families=families,
             seeds=list(dict.fromkeys(seeds)),
             test_size=test_size,
-            output_dir=resolve_path(stage.get("output_dir", "reports/reproduction"), root),
+            output_dir=resolve_path(stage["output_dir"], root),
             published=published,
             hyperparameters=hyperparameters,
             classes=[str(genre) for genre in params["genres"]],
-            n_mfcc=int(params.get("features", {}).get("n_mfcc", 20)),
-            features_dir=resolve_path(sets.get("features_dir") or features_dir, root),
-            comparison=ComparisonSettings(
-                n_splits=int(sets.get("n_splits", 7)),
-                n_repeats=int(sets.get("n_repeats", 3)),
-                seed=int(sets.get("seed", 0)),
-            ),
+            n_mfcc=int(params["features"]["n_mfcc"]),
+            features_dir=resolve_path(sets["features_dir"] or features_dir, root),
+            comparison=ComparisonSettings(sets["n_splits"], sets["n_repeats"], sets["seed"]),
         )
 
 
@@ -202,7 +192,7 @@ def normalise_table(table: pd.DataFrame, path: Path, level: str, settings: Repor
     if "genre" not in table.columns and "label" in table.columns:
         table = table.rename(columns={"label": "genre"})
     if "track_id" not in table.columns and "filename" in table.columns:
-        stems = table["filename"].astype(str).map(split.track_id_of_list_entry)
+        stems = table["filename"].astype(str).map(split_strategies.track_id_of_list_entry)
         if level == "segment" and "segment" not in table.columns:
             parts = stems.str.rsplit(".", n=1, expand=True)
             if parts.shape[1] != 2 or not parts[1].str.isdigit().all():
@@ -267,7 +257,7 @@ def ratio(test_size: float) -> str:
 def clip_stratified(clips: pd.DataFrame, settings: ReportSettings) -> ProtocolData:
     folds = []
     for seed in settings.seeds:
-        assignments = split.assign_groups(clips, 0.0, settings.test_size, seed, None)
+        assignments = split_strategies.assign_groups(clips, 0.0, settings.test_size, seed, None)
         folds.append(_subset_rows(clips, assignments, seed, {"train"}))
     return ProtocolData(
         "clip_stratified",
@@ -281,15 +271,15 @@ def clip_stratified(clips: pd.DataFrame, settings: ReportSettings) -> ProtocolDa
 def artist_lists(settings: ReportSettings) -> tuple[dict[str, list[str]], str]:
     """The artist-filtered lists (track ids per subset) and where they came from."""
     if settings.lists_dir is not None:
-        return split.read_filtered_lists(settings.lists_dir), str(settings.lists_dir)
+        return split_strategies.read_filtered_lists(settings.lists_dir), str(settings.lists_dir)
     if not settings.download.get("url"):
         raise ConfigError("no artist-filtered lists: set report.lists_dir or --lists-dir")
-    folder = split.download_filtered_lists(
+    folder = split_strategies.download_filtered_lists(
         str(settings.download["url"]),
         settings.download["download_dir"],
         settings.download["timeout_s"],
     )
-    return split.read_filtered_lists(folder), str(folder)
+    return split_strategies.read_filtered_lists(folder), str(folder)
 
 
 def artist_filtered(
@@ -297,7 +287,7 @@ def artist_filtered(
 ) -> ProtocolData:
     """Train on the train + valid lists, test on the test list; the clips the table lacks, and
     the table's clips no list names, are counted in the notes."""
-    assignments, missing, unlisted = split.assign_filtered(clips, lists)
+    assignments, missing, unlisted = split_strategies.assign_filtered(clips, lists)
     if assignments.empty:
         raise ConfigError(
             f"none of the {len(clips)} clips of the reference table is named in the "
@@ -341,7 +331,7 @@ def segment_description(segments: pd.DataFrame) -> str:
 def random_segments(segments: pd.DataFrame, settings: ReportSettings) -> ProtocolData:
     folds = []
     for seed in settings.seeds:
-        assignments = split.assign_segments(segments, 0.0, settings.test_size, seed)
+        assignments = split_strategies.assign_segments(segments, 0.0, settings.test_size, seed)
         folds.append(_subset_rows(segments, assignments, seed, {"train"}))
     clips = segments["track_id"].nunique()
     shared = [len(set(fold.test["track_id"]) & set(fold.train["track_id"])) for fold in folds]
@@ -372,7 +362,7 @@ def song_grouped(segments: pd.DataFrame, settings: ReportSettings) -> ProtocolDa
     tracks = segments.groupby("track_id", sort=True)["genre"].first().reset_index()
     folds = []
     for seed in settings.seeds:
-        assignments = split.assign_groups(tracks, 0.0, settings.test_size, seed, None)
+        assignments = split_strategies.assign_groups(tracks, 0.0, settings.test_size, seed, None)
         folds.append(_subset_rows(segments, assignments, seed, {"train"}))
     songs = [fold.test["track_id"].nunique() for fold in folds]
     rows = [len(fold.test) for fold in folds]
@@ -496,7 +486,7 @@ def run_protocols(protocols: list[ProtocolData], settings: ReportSettings) -> pd
                 }
             )
         for protocol in protocols:
-            strategy = split.STRATEGIES[protocol.protocol]
+            strategy = split_strategies.STRATEGIES[protocol.protocol]
             values: dict[str, list[float]] = {}
             for fold in protocol.folds:
                 started = time.perf_counter()
@@ -567,14 +557,13 @@ def markdown_table(
             columns.append((f"{protocol.header}: song vote", protocol.protocol, "song_accuracy"))
         else:
             columns.append((protocol.header, protocol.protocol, "accuracy"))
-    lines = [
-        "| Model | " + " | ".join(header for header, _, _ in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+    rows = [
+        [FAMILY_NAMES.get(family, family)]
+        + [cell(table, family, protocol, metric) for _, protocol, metric in columns]
+        for family in settings.families
     ]
-    for family in settings.families:
-        cells = [cell(table, family, protocol, metric) for _, protocol, metric in columns]
-        lines.append(f"| {FAMILY_NAMES.get(family, family)} | " + " | ".join(cells) + " |")
-    return lines
+    header = ["Model", *(name for name, _, _ in columns)]
+    return markdown.table(header, rows, align="l" + "r" * len(columns))
 
 
 def paired_gaps(
@@ -822,13 +811,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference-table",
         default=None,
         help="30 s table of all GTZAN clips (default: report.reference_table, else "
-        "data/features/features_30_sec.csv)",
+        "paths.features/features_30_sec.csv)",
     )
     parser.add_argument(
         "--segments-table",
         default=None,
         help="3 s segment table (default: report.segments_table, else "
-        "data/features/features_3_sec.csv)",
+        "paths.features/features_3_sec.csv)",
     )
     parser.add_argument(
         "--lists-dir",
@@ -857,7 +846,7 @@ def run_command(params: dict[str, Any], root: Path, args: argparse.Namespace) ->
         "output_dir": _absolute(args.output_dir),
     }
     stage = {
-        **(params.get("report") or {}),
+        **params["report"],
         **{key: value for key, value in overrides.items() if value is not None},
     }
     return run({**params, "report": stage}, root)

@@ -216,7 +216,7 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
 @dataclass(frozen=True)
 class ServingLimits:
     """What one request may cost and read (params `serving`; the quality gates from `data`,
-    the musicnn batch from `features.musicnn`). Stored as the model config of the served
+    the musicnn batch from `resources.features`). Stored as the model config of the served
     model, so every field can be overridden at serve time."""
 
     max_rows: int  # songs per request
@@ -246,12 +246,11 @@ class ServingLimits:
         if unknown:
             raise ConfigError(f"params serving.{unknown[0]}: unknown setting")
         data = section(params, "data")
-        musicnn_section = section(params, "features.musicnn")
         values = {
             **serving,
-            "min_duration_s": data.get("min_duration_s"),
-            "silence_peak": data.get("silence_peak"),
-            "musicnn_batch_size": musicnn_section.get("batch_size"),
+            "min_duration_s": data["min_duration_s"],
+            "silence_peak": data["silence_peak"],
+            "musicnn_batch_size": section(params, "resources.features.musicnn_batch_size"),
         }
         try:
             return cls.from_config(values)
@@ -346,7 +345,7 @@ def classify_song(
     file_rate: int,
     max_segments: int,
     musicnn_weights: Path | None = None,
-    musicnn_batch_size: int = 16,
+    musicnn_batch_size: int | None = None,
     deadline: float | None = None,
 ) -> list[SegmentResult]:
     """The probabilities of every analysed segment (or excerpt) of one mono song at

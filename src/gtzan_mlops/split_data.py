@@ -69,11 +69,11 @@ def split_label(summary: dict[str, Any]) -> str:
 
 def feature_dir(params: dict[str, Any], root: Path) -> Path:
     """The folder of the features stage's tables."""
-    return resolve_path(params.get("features", {}).get("output_dir", "data/features"), root)
+    return resolve_path(params["paths"]["features"], root)
 
 
 def split_dir(params: dict[str, Any], root: Path) -> Path:
-    return resolve_path(params.get("split", {}).get("output_dir", "data/split"), root)
+    return resolve_path(params["paths"]["split"], root)
 
 
 def split_fingerprint(folder: Path) -> str:

@@ -80,7 +80,7 @@ def launched_run_id() -> str | None:
 
 def experiment_name(params: dict[str, Any]) -> str:
     """The experiment of the pipeline's stage runs (params `mlflow.experiment_name`)."""
-    return str(params.get("mlflow", {}).get("experiment_name", "gtzan-genre"))
+    return str(params["mlflow"]["experiment_name"])
 
 
 def ensure_experiment(name: str) -> str:
@@ -194,8 +194,9 @@ def git_commit(root: Path | None = None) -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
-def dvc_output_hash(root: Path, output: str) -> str | None:
-    """The md5 DVC recorded in dvc.lock for `output` (e.g. data/raw), None if not recorded.
+def fetched_audio_hash(root: Path) -> str | None:
+    """The md5 DVC recorded in dvc.lock for the fetch stage's audio folder (its one folder
+    output, paths.raw), None if not recorded.
 
     DVC writes a stage's lock entry as soon as the stage finishes, so a downstream stage sees the
     hash of the data it runs on.
@@ -204,17 +205,16 @@ def dvc_output_hash(root: Path, output: str) -> str | None:
     if not lock.is_file():
         return None
     stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            if out.get("path") == output:
-                return out.get("md5")
+    for out in (stages.get("fetch") or {}).get("outs", []):
+        if str(out.get("md5", "")).endswith(".dir"):
+            return str(out["md5"])
     return None
 
 
 def run_tags(root: Path) -> dict[str, str]:
     """Tags every run of the pipeline carries: code version, data version, DVC experiment."""
     tags = {"git_commit": git_commit(root) or "unknown"}
-    raw_hash = dvc_output_hash(root, "data/raw")
+    raw_hash = fetched_audio_hash(root)
     if raw_hash:
         tags["dvc.data_raw_md5"] = raw_hash
     experiment = os.environ.get("DVC_EXP_NAME")

@@ -27,9 +27,9 @@ A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its n
    `reports/train/<family>/`: metrics.json, the optimisation history (history.csv, and
    optuna_history.png), the test confusion matrix and per-class table, also in MLflow.
 
-Determinism: with `workers: 1` the same params, data and code give the same trials and model
-(seeded sampler, NumPy/Python/TensorFlow seeds with TF op determinism, seeded estimators,
-single-threaded XGBoost). Several workers finish sooner but in an order that varies.
+Determinism: with `resources.train.workers: 1` the same params, data and code give the same
+trials and model (seeded sampler, NumPy/Python/TensorFlow seeds with TF op determinism, seeded
+estimators, single-threaded XGBoost). Several workers finish sooner but in an order that varies.
 """
 
 from __future__ import annotations
@@ -161,32 +161,32 @@ class FamilySettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], family: str) -> FamilySettings:
-        stage = params.get("train", {})
+        stage = params["train"]
         if family not in models.FAMILIES:
             raise ConfigError(f"unknown family {family!r}; known: {', '.join(models.FAMILIES)}")
         if family not in stage:
             raise ConfigError(f"params.yaml: missing setting 'train.{family}'")
         own = stage[family]
-        objective = str(stage.get("objective", "accuracy"))
+        objective = str(stage["objective"])
         if objective not in METRICS:
             raise ConfigError(f"train.objective must be one of {METRICS}, got {objective!r}")
-        refit_on = str(stage.get("refit_on", "train_valid"))
+        refit_on = str(stage["refit_on"])
         if refit_on not in ("train", "train_valid"):
             raise ConfigError(f"train.refit_on must be train or train_valid, got {refit_on!r}")
-        pruner = stage.get("pruner", {})
+        pruner = stage["pruner"]
         settings = cls(
             family=family,
-            n_trials=int(own.get("n_trials", 10)),
-            space=dict(own.get("space", {})),
-            defaults=dict(own.get("defaults") or {}),
-            seed=int(stage.get("seed", 0)),
+            n_trials=int(own["n_trials"]),
+            space=dict(own["space"]),
+            defaults=dict(own["defaults"]),
+            seed=int(stage["seed"]),
             objective=objective,
             refit_on=refit_on,
             experiment_name=tracking.experiment_name(params),
-            storage=stage.get("optuna_storage"),
-            workers=int(stage.get("workers", 1)),
-            n_startup_trials=int(pruner.get("n_startup_trials", 3)),
-            n_warmup_steps=int(pruner.get("n_warmup_steps", 5)),
+            storage=stage["optuna_storage"],
+            workers=int(params["resources"]["train"]["workers"]),
+            n_startup_trials=int(pruner["n_startup_trials"]),
+            n_warmup_steps=int(pruner["n_warmup_steps"]),
         )
         if settings.n_trials < 1:
             raise ConfigError(f"train.{family}.n_trials must be at least 1")
@@ -465,11 +465,10 @@ class OutputPaths:
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path, model: str) -> OutputPaths:
         """Paths of `model` (`<family>-<feature set>`)."""
-        stage = params.get("train", {})
-        records = params.get("evaluate", {}).get("records_dir", "data/train")
+        paths = params["paths"]
         return cls(
-            record=resolve_path(records, root) / f"{model}.json",
-            reports=resolve_path(stage.get("reports_dir", "reports/train"), root) / model,
+            record=resolve_path(paths["train_records"], root) / f"{model}.json",
+            reports=resolve_path(paths["train_reports"], root) / model,
         )
 
 

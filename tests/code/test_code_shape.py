@@ -1,5 +1,6 @@
-"""The shape of the code: what dvc.yaml says each stage depends on is what it imports, lint holds
-with the pipeline's run-time folders present, and every command's --help is short."""
+"""The shape of the code: what dvc.yaml says each stage depends on is what it imports and where
+params.yaml's paths say, lint holds with the pipeline's run-time folders present, and every
+command's --help is short."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def test_stage_deps_are_the_modules_the_stage_imports(repo_root):
             f"dvc.yaml stage {name}: missing {sorted(expected - declared)}, "
             f"not imported {sorted(declared - expected)}"
         )
+
+
+def test_every_data_path_of_dvc_yaml_comes_from_params_paths(repo_root):
+    """The stages read their paths from params.yaml's `paths`; dvc.yaml writes them the same way,
+    so the two cannot drift apart."""
+    params_paths = yaml.safe_load((repo_root / "params.yaml").read_text())["paths"]
+    checked = 0
+    for name, stage in _stages(repo_root).items():
+        for kind in ("deps", "outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path = entry if isinstance(entry, str) else next(iter(entry))
+                if path.startswith("src/"):
+                    continue
+                match = re.match(r"\$\{paths\.(\w+)\}", path)
+                assert match and match[1] in params_paths, f"dvc.yaml stage {name}: {path}"
+                checked += 1
+    assert checked > 30
 
 
 def test_module_closure_follows_imports_inside_functions():

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow_helpers import GENRES
+from project_params import project_params
 
 from gtzan_mlops import comparison, feature_sets, musicnn
 from gtzan_mlops.features import FEATURE_NAMES
@@ -40,7 +41,7 @@ def _write_tables(folder, informative: str, clips_per_genre: int = CLIPS_PER_GEN
 
 def test_every_feature_set_is_scored_on_the_same_folds(tmp_path):
     _write_tables(tmp_path, informative=feature_sets.MUSICNN)
-    table = comparison.compare_feature_sets(tmp_path, 20, comparison.ComparisonSettings(7, 1))
+    table = comparison.compare_feature_sets(tmp_path, 20, comparison.ComparisonSettings(7, 1, 0))
     assert list(table["feature_set"]) == ["handcrafted"] * 2 + ["musicnn"] * 2 + ["both"] * 2
     assert (table["folds"] == 7).all() and (table["clips"] == 70).all()
     assert (table["split"] == "clip-kfold").all()
@@ -57,12 +58,13 @@ def test_every_feature_set_is_scored_on_the_same_folds(tmp_path):
 def test_too_few_clips_for_the_folds_is_a_clear_error(tmp_path):
     _write_tables(tmp_path, informative=feature_sets.HANDCRAFTED, clips_per_genre=3)
     with pytest.raises(comparison.ComparisonError, match="has 3 clips, fewer than the 7 folds"):
-        comparison.compare_feature_sets(tmp_path, 20)
+        comparison.compare_feature_sets(tmp_path, 20, comparison.ComparisonSettings(7, 3, 0))
 
 
 def test_report_section_says_why_it_was_skipped(tmp_path):
-    report = {"families": ["knn"], "feature_sets": {"features_dir": str(tmp_path)}}
-    params = {"genres": GENRES, "train": {"knn": {}}, "report": report}
+    params = project_params(
+        {"report.families": ["knn"], "report.feature_sets.features_dir": str(tmp_path)}
+    )
     settings = ReportSettings.from_params(params, tmp_path)
     table, lines = feature_set_section(settings, tmp_path)
     assert table is None

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile
+import yaml
+from project_params import project_params
 
 from gtzan_mlops import extract
 from gtzan_mlops.features import FEATURE_NAMES
@@ -56,19 +58,13 @@ def stage_repo(tmp_path, gtzan_mini):
     rows.append(_manifest_row(raw / "rock" / "rock.00009.wav", tmp_path, "rock", "empty file"))
     (tmp_path / "data").mkdir(exist_ok=True)
     pd.DataFrame(rows).to_csv(tmp_path / "data" / "manifest.csv", index=False)
-    params = {
-        "features": {
-            "sample_rate": SAMPLE_RATE,
-            "n_fft": 2048,
-            "hop_length": 512,
-            "n_mfcc": 20,
-            "clip_seconds": 30.0,
-            "segment_seconds": 3.0,
-            "last_segment_min_fraction": 0.99,
-            "workers": 1,
-            "chunksize": 1,
+    params = project_params(
+        {
+            "features.sample_rate": SAMPLE_RATE,
+            "resources.features.workers": 1,
+            "resources.features.chunksize": 1,
         }
-    }
+    )
     return tmp_path, params
 
 
@@ -141,7 +137,7 @@ def test_process_pool_gives_the_same_tables(stage_repo):
     extract.run(params, root, show_progress=False)
     single = pd.read_csv(root / "data/features/features_3_sec.csv")
     shutil.rmtree(root / "data/features")
-    params["features"]["workers"] = 2
+    params["resources"]["features"]["workers"] = 2
     extract.run(params, root, show_progress=False)
     pd.testing.assert_frame_equal(pd.read_csv(root / "data/features/features_3_sec.csv"), single)
 
@@ -167,11 +163,13 @@ def test_a_worker_that_dies_ends_the_stage_with_the_unfinished_clips(stage_repo)
     unfinished = {job.label for job in jobs} - {result.job.label for result in finished}
     assert unfinished, "every clip finished before the kill: nothing left to report"
     assert all(label in message for label in unfinished), message
-    assert "features.workers: 1" in message
+    assert "resources.features.workers: 1" in message
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
-    (tmp_path / "params.yaml").write_text("features:\n  workers: 1\n")
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(project_params({"resources.features.workers": 1}))
+    )
     assert extract.main(["--params", str(tmp_path / "params.yaml")]) == 1
     error = capsys.readouterr().err
     assert f"{tmp_path / 'data' / 'manifest.csv'}: manifest not found" in error
@@ -189,7 +187,7 @@ if __name__ == "__main__":
     cache = Path(tempfile.mkdtemp())
     workers, paths = int(sys.argv[1]), [Path(arg) for arg in sys.argv[2:]]
     jobs = [ClipJob(p.stem, p.parent.name, p, cache / (p.stem + ".npz")) for p in paths]
-    settings = ExtractionSettings(FeatureSettings())  # hand-crafted: numba's cache is the point
+    settings = ExtractionSettings(REFERENCE_SETTINGS)  # hand-crafted: numba's cache is the point
     results = {r.job.track_id: r for r in extract_all(jobs, settings, workers=workers)}
     first = results[paths[0].stem]
     assert not first.error, first.error
@@ -254,13 +252,13 @@ def test_stopping_the_stage_ends_its_workers(tmp_path, gtzan_mini, stop):
         link.symlink_to(source)
         rows.append(_manifest_row(link, tmp_path, source.parent.name))
     pd.DataFrame(rows).to_csv(tmp_path / "data/manifest.csv", index=False)
-    params = {
-        "features": {
-            "sample_rate": SAMPLE_RATE, "n_fft": 2048, "hop_length": 512, "n_mfcc": 20,
-            "clip_seconds": 30.0, "segment_seconds": 3.0, "last_segment_min_fraction": 0.99,
-            "workers": 2, "chunksize": 1,
+    params = project_params(
+        {
+            "features.sample_rate": SAMPLE_RATE,
+            "resources.features.workers": 2,
+            "resources.features.chunksize": 1,
         }
-    }  # fmt: skip
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "gtzan_mlops", "features", "--params", "params.yaml"]
     stage = subprocess.Popen(

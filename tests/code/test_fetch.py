@@ -4,7 +4,6 @@ server on 127.0.0.1 serving a small synthetic genres.tar.gz built here."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import logging
@@ -23,11 +22,12 @@ import pandas as pd
 import pytest
 import soundfile
 import yaml
+from project_params import project_params
 
 from gtzan_mlops import fetch, gtzan_archive
 from gtzan_mlops.audio import Truncation, find_truncation, load_waveform
 from gtzan_mlops.config import ConfigError
-from gtzan_mlops.features import FeatureSettings, extract_clip
+from gtzan_mlops.features import REFERENCE_SETTINGS, extract_clip
 
 RATE = 22050
 GENRES = [
@@ -60,34 +60,33 @@ STALL_S = 1.0
 # What the synthetic archive holds: genre -> tone frequency; two clips each.
 ARCHIVE_GENRES = {"blues": 220.0, "metal": 880.0}
 
-BASE_PARAMS: dict[str, Any] = {
+# The settings these tests run fetch with: small, quick to retry, the rest as in params.yaml.
+TEST_SETTINGS: dict[str, Any] = {
     "genres": GENRES,
-    "data": {
-        "source": "demo",
-        "local_dir": None,
-        "gtzan": {
-            "folder": None,
-            "archive": None,
-            "md5": "0" * 32,
-            "mirrors": [],
-            "download_dir": "data/download",
-            "retries": 2,
-            "retry_backoff_s": 0.01,
-            "timeout_s": 5,
-        },
-        "demo": {"clips_per_genre": 2, "duration_s": 3.0, "sample_rate": RATE, "seed": 0},
-        "workers": 0,
-        "min_duration_s": 1.0,
-        "silence_peak": 1.0e-4,
-    },
+    "data.local_dir": None,
+    "data.gtzan.folder": None,
+    "data.gtzan.archive": None,
+    "data.gtzan.md5": "0" * 32,
+    "data.gtzan.mirrors": [],
+    "data.gtzan.download_dir": "data/download",
+    "data.gtzan.retries": 2,
+    "data.gtzan.retry_backoff_s": 0.01,
+    "data.gtzan.timeout_s": 5,
+    "data.demo.clips_per_genre": 2,
+    "data.demo.duration_s": 3.0,
+    "data.demo.sample_rate": RATE,
+    "data.demo.seed": 0,
+    "data.min_duration_s": 1.0,
+    "data.silence_peak": 1.0e-4,
+    "resources.fetch.workers": 0,
 }
 
 
 def _params(source: str, **gtzan: Any) -> dict[str, Any]:
-    params = copy.deepcopy(BASE_PARAMS)
-    params["data"]["source"] = source
-    params["data"]["gtzan"].update(gtzan)
-    return params
+    """Full params for `source`; an unknown source is kept, for fetch's own check of it."""
+    updates = {**TEST_SETTINGS, "data.source": source}
+    updates.update({f"data.gtzan.{key}": value for key, value in gtzan.items()})
+    return project_params(updates, validate=source in fetch.SOURCES)
 
 
 def _manifest(root: Path) -> pd.DataFrame:
@@ -250,7 +249,7 @@ def test_synthetic_genres_are_separable_by_their_features(tmp_path):
     fetch.run(params, tmp_path, show_progress=False)
     manifest = _manifest(tmp_path)
 
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     features = np.stack(
         [
             extract_clip(load_waveform(tmp_path / path, RATE), settings).clip

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow_helpers import sqlite_store
+from project_params import project_params
 
 from gtzan_mlops import pca
 from gtzan_mlops.features import FEATURE_NAMES
@@ -37,7 +38,7 @@ def test_pca_stage_writes_plot_data_png_and_summary(tmp_path):
     table = tmp_path / "data/features/features_30_sec.csv"
     table.parent.mkdir(parents=True)
     _synthetic_clip_table().to_csv(table, index=False)
-    params = {"genres": GENRES, "features": {"n_mfcc": 20}, "pca": {"seed": 0}}
+    params = project_params({"genres": GENRES, "features.n_mfcc": 20, "pca.seed": 0})
     with sqlite_store(tmp_path / "store"):
         summary = pca.run(params, tmp_path)
         # The same scatter is an artifact of a `pca` run beside the training runs.

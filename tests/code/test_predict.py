@@ -8,6 +8,7 @@ import mlflow
 import pytest
 import yaml
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
+from project_params import project_params
 
 from gtzan_mlops import predict
 
@@ -28,7 +29,9 @@ def champion(tmp_path_factory, reference_table):
 @pytest.fixture
 def params_file(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"genres": GENRES, "promote": {"model_name": MODEL_NAME}}))
+    path.write_text(
+        yaml.safe_dump(project_params({"genres": GENRES, "promote.model_name": MODEL_NAME}))
+    )
     return path
 
 

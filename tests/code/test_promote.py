@@ -17,7 +17,7 @@ from mlflow_helpers import (
 
 from gtzan_mlops.config import ConfigError, load_params
 from gtzan_mlops.evaluate import evaluate_records
-from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.features import REFERENCE_SETTINGS
 from gtzan_mlops.promote import (
     DIFFERENT_DATA,
     ChampionEvidence,
@@ -35,7 +35,7 @@ def _champion(value: float | None, data: DataVersion = NOW) -> ChampionEvidence:
 
 
 def test_first_model_is_promoted():
-    decision = decide_promotion(0.40, None, NOW, min_improvement=0.0)
+    decision = decide_promotion(0.40, None, NOW, min_improvement=0.0, on_data_change="keep")
     assert decision.promote
     assert "no champion" in decision.reason
 
@@ -58,7 +58,7 @@ def test_first_model_is_promoted():
     ],
 )
 def test_same_data_compares_recomputed_scores(challenger, champion, min_improvement, promoted):
-    decision = decide_promotion(challenger, _champion(champion), NOW, min_improvement)
+    decision = decide_promotion(challenger, _champion(champion), NOW, min_improvement, "keep")
     assert decision.promote is promoted
     assert decision.improvement == pytest.approx(challenger - champion)
     assert "version 3" in decision.reason
@@ -89,9 +89,9 @@ def test_invalid_settings_are_rejected():
     with pytest.raises(ConfigError, match="on_data_change"):
         decide_promotion(0.5, None, NOW, 0.0, on_data_change="maybe")
     with pytest.raises(ConfigError, match="min_improvement"):
-        decide_promotion(0.5, None, NOW, -0.1)
+        decide_promotion(0.5, None, NOW, -0.1, "keep")
     with pytest.raises(ValueError, match="recomputed"):
-        decide_promotion(0.5, _champion(None), NOW, 0.0)
+        decide_promotion(0.5, _champion(None), NOW, 0.0, "keep")
 
 
 # --- the registry flow, end to end on a sqlite store -------------------------------------------
@@ -127,11 +127,16 @@ def _promote(family, registry, folder, data=None, **settings) -> dict:
         evaluation,
         record,
         data,
-        FeatureSettings(),
+        REFERENCE_SETTINGS,
         PromotionSettings(
             model_name=MODEL_NAME,
             experiment_name="serving",
-            **{"limits": serving_limits(), **settings},
+            **{
+                "min_improvement": 0.0,
+                "on_data_change": "keep",
+                "limits": serving_limits(),
+                **settings,
+            },
         ),
         git_commit="0123abc",
     )
@@ -227,7 +232,12 @@ def test_promotion_settings_from_params(repo_root):
     settings = PromotionSettings.from_params(
         {
             **params,
-            "promote": {"model_name": "m", "min_improvement": 0.02, "on_data_change": "replace"},
+            "promote": {
+                "model_name": "m",
+                "min_improvement": 0.02,
+                "on_data_change": "replace",
+                "experiment_name": None,
+            },
             "serving": {**params["serving"], "max_upload_mib": 5},
         }
     )
@@ -235,4 +245,6 @@ def test_promotion_settings_from_params(repo_root):
         "m", 0.02, "replace", None, serving_limits(max_upload_mib=5.0)
     )
     with pytest.raises(ConfigError, match="on_data_change"):
-        PromotionSettings.from_params({"promote": {"on_data_change": "sometimes"}})
+        PromotionSettings.from_params(
+            {**params, "promote": {**params["promote"], "on_data_change": "sometimes"}}
+        )

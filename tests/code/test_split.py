@@ -10,12 +10,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 from live_services import GENRES, synthetic_feature_tables
+from project_params import project_params
 
-from gtzan_mlops import split, split_data
+from gtzan_mlops import split, split_data, split_strategies
 from gtzan_mlops.config import ConfigError
 from gtzan_mlops.split_data import split_label
 
 SONGS_PER_GENRE = 10
+SPLIT_SETTINGS = project_params()["split"]  # the strategies' sizes as params.yaml sets them
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def tables():
 
 def _split(tables, tmp_path, **stage):
     clips, segments = tables
-    return split.make_split(clips, segments, {"seed": 0, **stage}, tmp_path)
+    return split.make_split(clips, segments, {**SPLIT_SETTINGS, "seed": 0, **stage}, tmp_path)
 
 
 @pytest.mark.parametrize("strategy", ["clip_stratified", "song_grouped"])
@@ -56,7 +58,7 @@ def test_every_genre_of_three_songs_is_on_every_side(test_size, valid_size, side
     units = pd.DataFrame(
         {"unit": [f"{genre}.{n}" for genre in "ab" for n in range(3)], "genre": list("aaabbb")}
     )
-    subsets = split.stratified_assignment(units, valid_size, test_size, seed=0)
+    subsets = split_strategies.stratified_assignment(units, valid_size, test_size, seed=0)
     for genre, rows in units.groupby("genre"):
         assert set(subsets[rows.index]) == sides, genre
 
@@ -86,11 +88,13 @@ def test_leakage_check_fails_a_non_leaky_split_with_the_ids(tables, tmp_path):
     assignments, _ = _split(tables, tmp_path, strategy="song_grouped")
     leaked = pd.concat([assignments, assignments.head(2).assign(subset="test")])
     leaked = leaked.drop_duplicates()
-    strategy = split.STRATEGIES["song_grouped"]
-    with pytest.raises(split.LeakageError, match=r"tracks: blues\.00000"):
-        split.check_leakage(leaked, strategy, None)
+    strategy = split_strategies.STRATEGIES["song_grouped"]
+    with pytest.raises(split_strategies.LeakageError, match=r"tracks: blues\.00000"):
+        split_strategies.check_leakage(leaked, strategy, None)
     # The same duplication is only counted for the leaky protocol.
-    counted = split.check_leakage(leaked, split.STRATEGIES["random_segments"], None)
+    counted = split_strategies.check_leakage(
+        leaked, split_strategies.STRATEGIES["random_segments"], None
+    )
     assert counted["tracks_on_several_sides"] >= 1
 
 
@@ -110,9 +114,9 @@ def test_artists_stay_on_one_side_and_are_checked(tables, tmp_path):
     first_artist_tracks = merged.loc[merged["artist"] == "blues-artist-0", "track_id"]
     moved.loc[moved["track_id"] == first_artist_tracks.iloc[0], "subset"] = "test"
     moved.loc[moved["track_id"] == first_artist_tracks.iloc[1], "subset"] = "train"
-    with pytest.raises(split.LeakageError, match="artists: blues-artist-0"):
-        split.check_leakage(
-            moved, split.STRATEGIES["song_grouped"], artists[["track_id", "artist"]]
+    with pytest.raises(split_strategies.LeakageError, match="artists: blues-artist-0"):
+        split_strategies.check_leakage(
+            moved, split_strategies.STRATEGIES["song_grouped"], artists[["track_id", "artist"]]
         )
 
 
@@ -124,13 +128,17 @@ def test_artist_filtered_lists_on_the_real_clips(gtzan_mini, shared_dir, tmp_pat
         columns=["track_id", "genre"],
     )
     lists_dir = shared_dir / "data" / "gtzan_splits"
-    lists = split.read_filtered_lists(lists_dir)
+    lists = split_strategies.read_filtered_lists(lists_dir)
     assert [len(lists[subset]) for subset in split_data.SUBSETS] == [443, 197, 290]
 
     assignments, summary = split.make_split(
         tracks,
         pd.DataFrame(columns=["track_id", "segment", "genre"]),
-        {"strategy": "artist_filtered", "artist_filtered": {"lists_dir": str(lists_dir)}},
+        {
+            **SPLIT_SETTINGS,
+            "strategy": "artist_filtered",
+            "artist_filtered": {**SPLIT_SETTINGS["artist_filtered"], "lists_dir": str(lists_dir)},
+        },
         tmp_path,
     )
     assert summary["label"] == "artist-filtered" and summary["leaky"] is False
@@ -152,10 +160,14 @@ def test_artist_filtered_lists_are_downloaded_when_no_folder_is_given(shared_dir
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        folder = split.download_filtered_lists(url, tmp_path / "lists", timeout_s=10)
-        assert split.read_filtered_lists(folder) == split.read_filtered_lists(lists_dir)
+        folder = split_strategies.download_filtered_lists(url, tmp_path / "lists", timeout_s=10)
+        assert split_strategies.read_filtered_lists(folder) == split_strategies.read_filtered_lists(
+            lists_dir
+        )
         with pytest.raises(ConfigError, match="could not download"):
-            split.download_filtered_lists(f"{url}/nowhere", tmp_path / "other", timeout_s=10)
+            split_strategies.download_filtered_lists(
+                f"{url}/nowhere", tmp_path / "other", timeout_s=10
+            )
     finally:
         server.shutdown()
 
@@ -166,7 +178,10 @@ def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
     features.mkdir(parents=True)
     clips.to_csv(features / "features_30_sec.csv", index=False)
     segments.to_csv(features / "features_3_sec.csv", index=False)
-    summary = split.run({"split": {"strategy": "song_grouped"}}, tmp_path)
+    summary = split.run(
+        project_params({"split.strategy": "song_grouped", "split.group_duplicates": False}),
+        tmp_path,
+    )
     assignments, written = split_data.load_split(tmp_path / "data" / "split")
     assert written == json.loads(json.dumps(summary))
     assert len(assignments) == len(clips)
@@ -175,4 +190,4 @@ def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
         len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in split_data.SUBSETS
     )
     with pytest.raises(ConfigError, match=r"split\.strategy must be one of"):
-        split.run({"split": {"strategy": "by_mood"}}, tmp_path)
+        split.run(project_params({"split.strategy": "by_mood"}, validate=False), tmp_path)

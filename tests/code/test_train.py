@@ -164,7 +164,7 @@ def test_pruning_hook_stops_keras_and_xgboost(project):
         if step >= 2:
             raise optuna.TrialPruned()
 
-    space = {"learning_rate": 0.01, "batch_size": 64, "epochs": 10, "patience": 5}
+    space = {"learning_rate": 0.01, "batch_size": 64, "epochs": 10, "patience": 5, "dropout": 0.2}
     with pytest.raises(optuna.TrialPruned):
         models.fit_family(
             "fnn_simple", space, data.xy("train"), 10, 0, data.xy("valid"), None, prune_at_two

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import librosa
 import numpy as np
@@ -10,9 +11,10 @@ import pandas as pd
 import pytest
 import soundfile
 
-from gtzan_mlops import duplicates, fetch, split, split_data
+from gtzan_mlops import duplicates, fetch, split_data, split_strategies
 from gtzan_mlops.config import load_params
 
+PATHS = load_params(Path(__file__).resolve().parents[2] / "params.yaml")["paths"]
 ORIGINAL = "blues.00000"
 COPIES = {
     "blues.90000": "FLAC copy under another name",
@@ -59,7 +61,7 @@ def copies_project(tmp_path_factory, gtzan_mini, params):
 
 def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_project):
     root, summary = copies_project
-    clips = pd.read_csv(root / duplicates.CLIPS_TABLE, dtype=str, keep_default_na=False)
+    clips = pd.read_csv(root / PATHS["duplicates"], dtype=str, keep_default_na=False)
     group_of = dict(zip(clips["track_id"], clips[split_data.GROUP_COLUMN], strict=True))
     assert group_of[ORIGINAL] == f"dup:{ORIGINAL}"
     for copy, how in COPIES.items():
@@ -67,20 +69,20 @@ def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_pro
     assert group_of[SAME_ARTIST] == ""  # same genre and artist, another recording
     assert summary["duplicate_groups"] == 1 and summary["clips_in_groups"] == 4
 
-    pairs = pd.read_csv(root / duplicates.PAIRS_TABLE).set_index(["track_a", "track_b"])
+    pairs = pd.read_csv(root / PATHS["duplicate_pairs"]).set_index(["track_a", "track_b"])
     with_original = {b: row for (a, b), row in pairs.iterrows() if a == ORIGINAL}
     assert with_original["blues.90000"]["match"] == "identical samples"
     assert with_original["blues.90001"]["similarity"] >= 0.95
     assert with_original["blues.90002"]["match"] == "fingerprint"
     assert with_original["blues.90002"]["offset_s"] == pytest.approx(2.0, abs=0.15)
 
-    report = (root / duplicates.REPORT).read_text()
+    report = (root / PATHS["duplicates_report"] / duplicates.REPORT_FILE).read_text()
     assert f"## dup:{ORIGINAL}" in report and "blues.90002" in report
 
 
 def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
     root, _ = copies_project
-    groups = split_data.read_groups(root / duplicates.CLIPS_TABLE)
+    groups = split_data.read_groups(root / PATHS["duplicates"])
     # The copies among all 1000 GTZAN track ids, so that the split has songs to spread.
     tracks = pd.read_csv(reference_table, usecols=["filename", "label"])
     tracks = pd.DataFrame(
@@ -92,16 +94,18 @@ def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
     members = [ORIGINAL, *COPIES]
     separated_without_groups = 0
     for seed in range(20):
-        kept = split.assign_groups(tracks, 0.2, 0.3, seed, None, groups).set_index("track_id")
+        kept = split_strategies.assign_groups(tracks, 0.2, 0.3, seed, None, groups).set_index(
+            "track_id"
+        )
         assert kept.loc[members, "subset"].nunique() == 1, seed
-        naive = split.assign_groups(tracks, 0.2, 0.3, seed, None).set_index("track_id")
+        naive = split_strategies.assign_groups(tracks, 0.2, 0.3, seed, None).set_index("track_id")
         separated_without_groups += naive.loc[members, "subset"].nunique() > 1
     assert separated_without_groups > 0  # what the groups prevent does happen without them
 
 
 def test_the_leakage_check_fails_on_a_split_that_separates_a_group(copies_project):
     root, _ = copies_project
-    groups = split_data.read_groups(root / duplicates.CLIPS_TABLE)
+    groups = split_data.read_groups(root / PATHS["duplicates"])
     assignments = pd.DataFrame(
         {
             "track_id": [ORIGINAL, *COPIES, SAME_ARTIST],
@@ -109,10 +113,16 @@ def test_the_leakage_check_fails_on_a_split_that_separates_a_group(copies_projec
             "subset": ["train", "train", "test", "train", "valid"],
         }
     )
-    with pytest.raises(split.LeakageError, match=r"duplicate_groups: dup:blues.00000 \(") as caught:
-        split.check_leakage(assignments, split.STRATEGIES["song_grouped"], None, groups)
+    with pytest.raises(
+        split_strategies.LeakageError, match=r"duplicate_groups: dup:blues.00000 \("
+    ) as caught:
+        split_strategies.check_leakage(
+            assignments, split_strategies.STRATEGIES["song_grouped"], None, groups
+        )
     assert "blues.90001 in test" in str(caught.value)
-    counted = split.check_leakage(assignments, split.STRATEGIES["random_segments"], None, groups)
+    counted = split_strategies.check_leakage(
+        assignments, split_strategies.STRATEGIES["random_segments"], None, groups
+    )
     assert counted["duplicate_groups_on_several_sides"] == 1  # the leaky protocol: reported
 
 

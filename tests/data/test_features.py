@@ -10,8 +10,8 @@ from scipy import ndimage
 from gtzan_mlops.audio import load_waveform
 from gtzan_mlops.features import (
     FEATURE_NAMES,
+    REFERENCE_SETTINGS,
     FeatureError,
-    FeatureSettings,
     excerpt_features,
     extract_clip,
     feature_names,
@@ -20,7 +20,7 @@ from gtzan_mlops.features import (
     segment_bounds,
 )
 
-SETTINGS = FeatureSettings()
+SETTINGS = REFERENCE_SETTINGS
 # Features whose reference values are means of near-zero, sign-changing waveforms: a relative
 # difference says nothing there, so they are compared absolutely (see test_parity_with_reference).
 NEAR_ZERO_MEANS = ("harmony_mean", "perceptr_mean")

@@ -86,7 +86,7 @@ def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
     segments.to_csv(project / "data/features/features_3_sec.csv", index=False)
     params = load_params(project / "params.yaml")
     write_settings(project / "data/features", FeatureSettings.from_params(params))
-    params["split"]["duplicates_file"] = None  # synthetic tables: no audio to fingerprint
+    params["split"]["group_duplicates"] = False  # synthetic tables: no audio to fingerprint
     split.run(params, project)
 
     store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"

@@ -188,12 +188,12 @@ def test_second_repro_does_nothing(pipeline):
 
 def test_changed_feature_parameter_reruns_only_the_features_stage(pipeline):
     repo, env, _ = pipeline
-    # `workers` is in the features section but changes no value: features rerun (reading the
+    # The features stage tracks its resources, which change no value: features rerun (reading the
     # per-clip cache), write identical tables, and DVC leaves every downstream stage alone.
-    set_params(repo / "params.yaml", {"features.workers": 1})
+    set_params(repo / "params.yaml", {"resources.features.workers": 1})
     output = _run(["dvc", "repro"], repo, env)
     assert _stages_run(output) == {"features"}, output
-    _commit(repo, env, "features.workers")
+    _commit(repo, env, "resources.features.workers")
 
 
 def test_exp_run_of_a_search_space_reruns_only_that_family(pipeline):

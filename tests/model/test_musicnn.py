@@ -5,6 +5,7 @@ on real clips, and a served model on the embeddings classifies raw audio end to 
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,10 +18,14 @@ from sklearn.preprocessing import StandardScaler
 
 from gtzan_mlops import feature_sets, musicnn
 from gtzan_mlops.audio import decode_mono, load_waveform
-from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.config import load_params
+from gtzan_mlops.features import REFERENCE_SETTINGS
 from gtzan_mlops.serving import BASE64_COLUMN, ServingSpec, log_serving_model, output_columns
 
-SETTINGS = FeatureSettings()
+SETTINGS = REFERENCE_SETTINGS
+BATCH_SIZE = load_params(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
+    "features"
+]["musicnn_batch_size"]
 CLIPS_PER_GENRE = 7  # jazz has 00000-00002 and 00004-00007 in ../shared
 
 
@@ -44,7 +49,13 @@ def embedded(gtzan_mini, weights):
             waveform, rate = decode_mono(path)
             result[genre].append(
                 feature_sets.extract_sets(
-                    waveform, rate, SETTINGS, weights, include_clip=False, handcrafted=False
+                    waveform,
+                    rate,
+                    SETTINGS,
+                    weights,
+                    include_clip=False,
+                    handcrafted=False,
+                    batch_size=BATCH_SIZE,
                 )
             )
     return result
@@ -164,9 +175,13 @@ def test_embedding_is_the_same_wherever_the_clip_is_decoded(gtzan_mini, weights)
     """Resampled from the file's rate inside extract_sets, or loaded at 16 kHz directly."""
     path = gtzan_mini / "genres" / "rock" / "rock.00000.wav"
     waveform, rate = decode_mono(path)
-    through_sets = feature_sets.extract_sets(waveform, rate, SETTINGS, weights)
+    through_sets = feature_sets.extract_sets(
+        waveform, rate, SETTINGS, weights, batch_size=BATCH_SIZE
+    )
     starts = [3.0 * index for index in range(10)]
-    direct = musicnn.embedder(weights).embed(load_waveform(path, musicnn.SAMPLE_RATE), starts)
+    direct = musicnn.embedder(weights, BATCH_SIZE).embed(
+        load_waveform(path, musicnn.SAMPLE_RATE), starts
+    )
     np.testing.assert_allclose(through_sets.musicnn_segments, direct.embeddings, rtol=1e-5)
 
 

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 
 from gtzan_mlops.audio import load_waveform
-from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings, extract_clip
+from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS, extract_clip
 from gtzan_mlops.serving import (
     BASE64_COLUMN,
     PATH_COLUMN,
@@ -94,7 +94,7 @@ def test_real_clip_by_path_and_base64_matches_the_pipeline_features(served, clas
     pd.testing.assert_frame_equal(by_path, by_bytes)
 
     # What the pipeline would compute: the same extraction, each segment classified, averaged.
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     segments = extract_clip(load_waveform(clip, settings.sample_rate), settings).segments
     assert len(segments) == 10
     expected = classifier.predict_proba(pd.DataFrame(segments, columns=FEATURE_NAMES)).mean(0)
@@ -107,7 +107,7 @@ def test_real_clip_by_path_and_base64_matches_the_pipeline_features(served, clas
 def test_clip_level_model_uses_the_whole_clip_features(store, classifier, classifier_uri, clip):
     model = mlflow.pyfunc.load_model(log_served(classifier_uri, level="clip", family="clip"))
     output = model.predict(pd.DataFrame({BASE64_COLUMN: [_base64(clip)]}))
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     features = extract_clip(load_waveform(clip, settings.sample_rate), settings).clip
     expected = classifier.predict_proba(pd.DataFrame([features], columns=FEATURE_NAMES))[0]
     np.testing.assert_allclose(
@@ -229,15 +229,15 @@ def test_decode_base64_accepts_line_breaks_and_data_uri():
 
 
 def test_spec_round_trips_and_rejects_an_unknown_level():
-    spec = ServingSpec("xgboost", "xgboost", "clip", tuple(GENRES), FeatureSettings().to_dict())
+    spec = ServingSpec("xgboost", "xgboost", "clip", tuple(GENRES), REFERENCE_SETTINGS.to_dict())
     assert ServingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    assert spec.settings == FeatureSettings()
+    assert spec.settings == REFERENCE_SETTINGS
     with pytest.raises(ValueError, match="level"):
         ServingSpec("x", "sklearn", "song", tuple(GENRES), {})
 
 
 def test_example_clip_is_one_segment_long_after_resampling():
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     waveform = load_waveform(synthetic_example_clip(settings), settings.sample_rate)
     assert len(waveform) >= settings.segment_samples
 
@@ -546,7 +546,7 @@ def test_audio_path_refusals_are_indistinguishable(served, audio_root, tmp_path_
 def test_song_windows_cover_the_song_then_space_out():
     from gtzan_mlops.serving import song_windows
 
-    settings = FeatureSettings()
+    settings = REFERENCE_SETTINGS
     rate = 1000
     assert song_windows(30_013, rate, settings, "segment", 100) == [(0, 30_013)]
     assert song_windows(65_000, rate, settings, "segment", 100) == [

@@ -1,0 +1,126 @@
+"""params.yaml's schema: one load that rejects unknown, missing and mistyped settings by their
+path, and holds no default of its own."""
+
+from __future__ import annotations
+
+import copy
+import typing
+
+import pytest
+import yaml
+from project_params import PARAMS_FILE
+
+from gtzan_mlops import cli, feature_sets, models, params_schema, scoring, split_strategies
+from gtzan_mlops.config import ConfigError, read_params, validate_params
+
+RAW = read_params(PARAMS_FILE)
+
+
+def _invalid(change: typing.Callable[[dict], None]) -> str:
+    params = copy.deepcopy(RAW)
+    change(params)
+    with pytest.raises(ConfigError) as raised:
+        validate_params(params, "params.yaml")
+    return str(raised.value)
+
+
+def test_the_projects_params_are_valid_and_unchanged_by_validation():
+    assert validate_params(copy.deepcopy(RAW)) == RAW
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["split"].update(sead=1), "params.yaml: unknown setting 'split.sead'"),
+        (lambda p: p.update(plots={}), "unknown setting 'plots'"),
+        (
+            lambda p: p["train"]["sgd"]["space"]["alpha"].update(hihg=0.5),
+            "unknown setting 'train.sgd.space.alpha.hihg'",
+        ),
+        (lambda p: p["pca"].pop("seed"), "missing setting 'pca.seed'"),
+        (lambda p: p["resources"].pop("features"), "missing setting 'resources.features'"),
+        (lambda p: p["split"].update(seed="3"), "split.seed: must be an integer, got '3'"),
+        (lambda p: p["split"].update(seed=True), "split.seed: must be an integer, got True"),
+        (lambda p: p["split"].update(seed=0.5), "split.seed: must be an integer, got 0.5"),
+        (lambda p: p["split"].update(test_size=1.5), "split.test_size: "),
+        (lambda p: p["data"].update(silence_peak="low"), "data.silence_peak: must be a number"),
+        (lambda p: p["split"].update(strategy="by_mood"), "split.strategy: Input should be"),
+        (lambda p: p["train"].update(objective="f1"), "train.objective: Input should be"),
+        (lambda p: p["train"].update(families=["knn", "resnet"]), "train.families.1: "),
+        (lambda p: p["serving"].update(allow_audio_path="yes"), "serving.allow_audio_path: "),
+        (lambda p: p["paths"].update(features=""), "paths.features: "),
+        (
+            lambda p: p["train"]["knn"]["space"].update(p={"type": "normal"}),
+            "train.knn.space.p: must be a fixed value or a mapping with type int, float or "
+            "categorical",
+        ),
+        (
+            lambda p: p["train"]["knn"]["space"]["n_neighbors"].pop("high"),
+            "missing setting 'train.knn.space.n_neighbors.high'",
+        ),
+        (
+            lambda p: p["duplicates"].update(window_s=200),
+            "duplicates: window_s + max_offset_s exceed fingerprint_seconds",
+        ),
+        (
+            lambda p: p["train"].update(families=["knn", "xgboost"]),
+            "evaluate.candidates: ['fnn', 'fnn_simple'] are not in train.families",
+        ),
+    ],
+)
+def test_a_bad_setting_is_named_by_its_path(change, message):
+    assert message in _invalid(change)
+
+
+def test_every_problem_is_listed_at_once():
+    def two_problems(params):
+        params["split"]["sead"] = 1
+        params["train"]["seed"] = "zero"
+
+    lines = _invalid(two_problems).splitlines()
+    assert len(lines) == 2 and all(line.startswith("params.yaml: ") for line in lines)
+
+
+def test_a_whole_float_from_mlflow_run_becomes_an_integer():
+    params = copy.deepcopy(RAW)
+    params["split"]["seed"] = 3.0  # MLproject passes numeric parameters as floats
+    params["resources"]["train"]["workers"] = 2.0
+    checked = validate_params(params)
+    assert checked["split"]["seed"] == 3 and isinstance(checked["split"]["seed"], int)
+    assert isinstance(checked["resources"]["train"]["workers"], int)
+
+
+def test_a_stage_validates_its_overrides_before_running(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(RAW), encoding="utf-8")
+    command = ["split", "--params", str(tmp_path / "params.yaml"), "--set", "split.seed=abc"]
+    assert cli.main(command) == 1
+    assert "split.seed: must be an integer, got 'abc'" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # refused before it read or wrote anything
+
+
+def test_the_schema_holds_no_defaults():
+    """Every value comes from params.yaml; only the search-space notation's optional keys
+    (Optuna's own step and log) may be left out."""
+    optional = {(params_schema.IntRange, "step"), (params_schema.IntRange, "log")}
+    optional |= {(params_schema.FloatRange, "step"), (params_schema.FloatRange, "log")}
+    checked = 0
+    for model in vars(params_schema).values():
+        if not (isinstance(model, type) and issubclass(model, params_schema.Section)):
+            continue
+        for name, field in model.model_fields.items():
+            checked += 1
+            assert field.is_required() or (model, name) in optional, f"{model.__name__}.{name}"
+    assert checked > 100
+
+
+def test_the_schemas_choices_are_the_codes():
+    assert typing.get_args(params_schema.Family) == models.FAMILIES
+    assert typing.get_args(params_schema.FeatureSet) == feature_sets.FEATURE_SETS
+    assert typing.get_args(params_schema.Metric) == scoring.METRICS
+    assert typing.get_args(params_schema.TestMetric) == tuple(
+        f"{scoring.TEST_SUBSET}_{metric}" for metric in scoring.METRICS
+    )
+    strategy = params_schema.Split.model_fields["strategy"].annotation
+    assert set(typing.get_args(strategy)) == set(split_strategies.STRATEGIES)
+    families = set(models.FAMILIES)
+    assert families <= set(params_schema.Train.model_fields)
