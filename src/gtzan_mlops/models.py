@@ -25,23 +25,12 @@ import numpy as np
 import pandas as pd
 
 from gtzan_mlops.config import ConfigError
+from gtzan_mlops.families import CLASSIC_FAMILIES, FAMILIES, KERAS_FAMILIES
 from gtzan_mlops.tf_runtime import import_tensorflow
 
 # Called with (step, validation accuracy) during training; may raise optuna.TrialPruned.
 ReportFn = Callable[[int, float], None]
 
-CLASSIC_FAMILIES = (
-    "naive_bayes",
-    "sgd",
-    "knn",
-    "decision_tree",
-    "random_forest",
-    "svm",
-    "logistic_regression",
-    "mlp",
-)
-KERAS_FAMILIES = ("fnn", "fnn_simple")
-FAMILIES = (*CLASSIC_FAMILIES, *KERAS_FAMILIES, "xgboost")
 XGBOOST_REPORT_EVERY = 10  # boosting rounds between reports to the pruner
 
 

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from gtzan_mlops.families import FAMILIES
+
 
 def _integer(value: Any) -> Any:
     """Whole numbers only: 3 and 3.0 (MLflow passes numeric parameters as floats), not 3.5,
@@ -53,19 +55,7 @@ Share = Annotated[Float, Field(gt=0, lt=1)]
 Path = Annotated[StrictStr, Field(min_length=1)]  # relative to the repository root
 Scalar = StrictBool | Int | Float | StrictStr | None
 FeatureSet = Literal["handcrafted", "musicnn", "both"]
-Family = Literal[
-    "naive_bayes",
-    "sgd",
-    "knn",
-    "decision_tree",
-    "random_forest",
-    "svm",
-    "logistic_regression",
-    "mlp",
-    "fnn",
-    "fnn_simple",
-    "xgboost",
-]
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
 Metric = Literal["accuracy", "macro_f1", "song_accuracy", "song_macro_f1"]
 TestMetric = Literal["test_accuracy", "test_macro_f1", "test_song_accuracy", "test_song_macro_f1"]
 

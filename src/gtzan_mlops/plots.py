@@ -1,38 +1,33 @@
 """PNG figures logged to MLflow beside the DVC plot data: confusion matrices and Optuna histories.
 
-Bare matplotlib Figures: no pyplot global state and no display backend, safe in worker
-processes and servers.
+Bare matplotlib Figures, which nothing else holds: safe in worker processes and servers. The
+history is drawn here rather than by optuna.visualization.matplotlib (experimental, its own
+pyplot figure), so that pruned trials show with their last reported value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import confusion_matrix
 
 
 def confusion_png(
     actual: list[str], predicted: list[str], classes: list[str], path: Path, title: str
 ) -> Path:
-    """A confusion matrix (rows: actual genre, columns: predicted), counts in the cells."""
-    counts = confusion_matrix(actual, predicted, labels=classes)
+    """A confusion matrix (rows: actual genre, columns: predicted), counts in the cells:
+    scikit-learn's display, drawn on a figure of our own."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     figure = Figure(figsize=(7.5, 6.5), dpi=100)
     axes = figure.subplots()
-    image = axes.imshow(counts, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    axes.set_yticks(range(len(classes)), classes)
+    ConfusionMatrixDisplay.from_predictions(
+        actual, predicted, labels=classes, ax=axes, cmap="Blues", xticks_rotation=45
+    )
     axes.set_xlabel("predicted")
     axes.set_ylabel("actual")
     axes.set_title(title, fontsize="medium")
-    threshold = counts.max() / 2 if counts.size else 0
-    for (row, column), count in np.ndenumerate(counts):
-        if count:
-            colour = "white" if count > threshold else "black"
-            axes.text(column, row, str(count), ha="center", va="center", color=colour)
     figure.tight_layout()
     figure.savefig(path)
     return path

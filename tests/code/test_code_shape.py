@@ -55,6 +55,16 @@ def test_every_data_path_of_dvc_yaml_comes_from_params_paths(repo_root):
     assert checked > 30
 
 
+def test_no_stage_imports_another_command(repo_root):
+    """Stages talk through their DVC outputs; what two of them share is a library."""
+    commands = {module.rsplit(".", 1)[1] for module, *_ in cli.COMMANDS.values()}
+    for name, stage in _stages(repo_root).items():
+        module = cli.COMMANDS[re.match(r"gtzan-mlops (\w+)", stage["cmd"]).group(1)][0]
+        own = module.rsplit(".", 1)[1]
+        imported = {file.removesuffix(".py") for file in tracking.module_closure(own)}
+        assert not (imported & commands) - {own}, f"stage {name} imports {imported & commands}"
+
+
 def test_module_closure_follows_imports_inside_functions():
     closure = tracking.module_closure("promote")
     assert "serving.py" in closure and "musicnn.py" in closure  # via serving, lazily

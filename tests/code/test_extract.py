@@ -182,7 +182,7 @@ _EXTRACT_SCRIPT = """
 import json, sys, tempfile
 from pathlib import Path
 from gtzan_mlops.extract import ClipJob, ExtractionSettings, extract_all
-from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.features import REFERENCE_SETTINGS
 if __name__ == "__main__":
     cache = Path(tempfile.mkdtemp())
     workers, paths = int(sys.argv[1]), [Path(arg) for arg in sys.argv[2:]]
