@@ -1,5 +1,6 @@
 """How a split assigns clips (or segments) to train, valid and test, and how leakage is found:
-the strategies of the split stage, also used by the reproduction report (report.py).
+the strategies of the split stage, also used by the reproduction report's protocols
+(protocols.py).
 
 Each strategy has a label that says what it is (`random-segments-leaky` for the one that leaks);
 the stratified ones keep a song, its artist's songs and its duplicates on one side.

@@ -6,7 +6,7 @@
 A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its name
 `<family>-<feature set>` names its stage, its record, its reports and its MLflow runs.
 
-1. The active split (`data/split`) says which rows train, validate and test, and the level the
+1. The active split (`paths.split`) says which rows train, validate and test, and the level the
    models work at (whole clips, or 3 s segments voted per song).
 2. An Optuna study maximises the validation metric `train.objective`, sampling the search space
    `train.<family>.space` with a seeded TPE sampler; the first trial is the source study's
@@ -23,8 +23,8 @@ A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its n
 5. The best trial is refit (on train+valid by default, for the epochs/rounds its early stopping
    chose) and logged as an MLflow model with signature and input example, with its test
    metrics, a per-class precision/recall/F1 table and a confusion matrix.
-6. Outputs for DVC: `data/train/<family>.json` (the record evaluate and promote read) and
-   `reports/train/<family>/`: metrics.json, the optimisation history (history.csv, and
+6. Outputs for DVC: `<paths.train_records>/<model>.json` (the record evaluate and promote read)
+   and `<paths.train_reports>/<model>/`: metrics.json, the optimisation history (history.csv, and
    optuna_history.png), the test confusion matrix and per-class table, also in MLflow.
 
 Determinism: with `resources.train.workers: 1` the same params, data and code give the same
@@ -452,8 +452,8 @@ def history_table(study: Any) -> pd.DataFrame:
 class OutputPaths:
     """Where the stage of one family writes (all declared in dvc.yaml)."""
 
-    record: Path  # data/train/<family>.json: what evaluate and promote read
-    reports: Path  # reports/train/<family>/: DVC plots, also logged to the MLflow parent run
+    record: Path  # <paths.train_records>/<model>.json: what evaluate and promote read
+    reports: Path  # <paths.train_reports>/<model>/: DVC plots, also logged to the parent run
 
     @property
     def metrics(self) -> Path:
@@ -507,7 +507,7 @@ def refit_and_log(
     study: Any, settings: FamilySettings, data: TrainingData, parent_run_id: str, reports: Path
 ) -> dict[str, Any]:
     """Refit the best trial, score it on the test rows, write its reports and log model,
-    metrics and reports to the parent run; returns the record for data/train/<family>.json."""
+    metrics and reports to the parent run; returns the model's record (write_outputs)."""
     import mlflow
 
     best = study.best_trial

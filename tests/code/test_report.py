@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from gtzan_mlops import protocols as report_protocols
 from gtzan_mlops import report
 from gtzan_mlops.config import load_params
 from gtzan_mlops.features import FEATURE_NAMES
@@ -84,7 +85,7 @@ def test_table_shape_and_columns(produced):
     table = produced.table
     assert table.columns.tolist() == list(report.COLUMNS)
     assert produced.skipped == {}
-    protocols = ["published", *report.PROTOCOLS]
+    protocols = ["published", *report_protocols.PROTOCOLS]
     pairs = set(zip(table["family"], table["protocol"], strict=True))
     assert pairs == {(family, protocol) for family in FAMILIES for protocol in protocols}
     for protocol, metrics in report.PROTOCOL_METRICS.items():
