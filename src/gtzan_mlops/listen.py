@@ -173,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         description="A local page to try a model on a song (default: the champion).",
     )
     parser.add_argument("--model", default="", help="model URI (default: the champion)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5003)
-    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: repo's)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=5003, help="port (default: 5003)")
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: the repository's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

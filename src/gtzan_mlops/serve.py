@@ -42,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve the champion (or --model) with `mlflow models serve` on loopback.",
     )
     parser.add_argument("--model", default="", help="model URI (default: the champion)")
-    parser.add_argument("--host", default="127.0.0.1", help="put a proxy in front for others")
-    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: loopback; for others, a proxy in front: deploy/)",
+    )
+    parser.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: repo's)")
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: the repository's)"
+    )
     args = parser.parse_args(argv)
     try:
         params_path = args.params or find_repo_root() / "params.yaml"
