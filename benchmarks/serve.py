@@ -92,15 +92,14 @@ def project_champion(params: dict[str, Any]) -> tuple[Champion | None, str]:
     from mlflow import MlflowClient
 
     from gtzan_mlops import tracking
-    from gtzan_mlops.predict import default_model_uri
     from gtzan_mlops.promote import current_champion
 
-    uri = default_model_uri(params)
+    name = params["promote"]["model_name"]
+    uri = tracking.champion_uri(name)
     store = tracking.tracking_uri(REPO_ROOT)
     prefix = "sqlite:///"
     if store.startswith(prefix) and not Path(store[len(prefix) :]).is_file():
         return None, f"{store[len(prefix) :]} does not exist (the pipeline has not run yet)"
-    name = uri.removeprefix("models:/").split("@", 1)[0]
     try:
         version = current_champion(MlflowClient(tracking_uri=store, registry_uri=store), name)
     except Exception as error:  # an unreachable or broken store: say so, like no champion
@@ -121,8 +120,6 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
     from gtzan_mlops import tracking
     from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS
     from gtzan_mlops.models import build_classic, log_classifier
-    from gtzan_mlops.predict import default_model_uri
-    from gtzan_mlops.promote import CHAMPION_ALIAS
     from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
 
     if not reference.is_file():
@@ -154,14 +151,14 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
         classifier_uri = log_classifier(classifier, "sklearn", features.head(5)).model_uri
     with mlflow.start_run(run_name="demo-serving-logistic_regression", tags={"demo": "true"}):
         info = log_serving_model(spec, classifier_uri, ServingLimits.from_params(params))
-    name = default_model_uri(params).removeprefix("models:/").split("@", 1)[0] + "-demo"
+    name = params["promote"]["model_name"] + "-demo"
     version = mlflow.register_model(info.model_uri, name, tags={"demo": "true"})
-    mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    mlflow.MlflowClient().set_registered_model_alias(name, tracking.CHAMPION_ALIAS, version.version)
     note = (
         f"version {version.version}; DEMO champion: logistic regression fitted on "
         f"{reference.name} (all 1000 GTZAN clips), not a pipeline model"
     )
-    return Champion(f"models:/{name}@{CHAMPION_ALIAS}", store, note)
+    return Champion(tracking.champion_uri(name), store, note)
 
 
 def describe_model(champion: Champion) -> dict[str, Any]:

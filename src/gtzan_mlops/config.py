@@ -100,11 +100,28 @@ def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str,
     return params
 
 
-def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every stage command takes: which params.yaml, and one-off overrides."""
+def add_params_argument(parser: argparse.ArgumentParser) -> None:
+    """--params: the params.yaml a command reads (default: the repository's, see params_file)."""
     parser.add_argument(
         "--params", type=Path, default=None, help="params.yaml (default: the repository's)"
     )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a model (predict, serve, listen): which model, and
+    the params.yaml whose champion it is by default (tracking.chosen_model_uri)."""
+    parser.add_argument("--model", default="", help="model URI (default: the champion)")
+    add_params_argument(parser)
+
+
+def params_file(args: argparse.Namespace) -> Path:
+    """The params.yaml of a parsed command: its --params, else the repository's."""
+    return args.params or find_repo_root() / PARAMS_FILE
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage command takes: which params.yaml, and one-off overrides."""
+    add_params_argument(parser)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -126,8 +143,7 @@ def stage_params(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
 def stage_arguments(args: argparse.Namespace) -> list[str]:
     """The --params and --set options of a parsed stage command, to hand on to a sub-process."""
-    root = args.params.resolve().parent if args.params else find_repo_root()
-    forwarded = ["--params", str((args.params or root / PARAMS_FILE).resolve())]
+    forwarded = ["--params", str(params_file(args).resolve())]
     for assignment in args.overrides:
         forwarded += ["--set", assignment]
     return forwarded

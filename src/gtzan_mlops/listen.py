@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from gtzan_mlops.config import ConfigError, find_repo_root, load_params
+from gtzan_mlops.config import ConfigError, add_model_arguments, params_file
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="gtzan-mlops listen",
         description="A local page to try a model on a song (default: the champion).",
     )
-    parser.add_argument("--model", default="", help="model URI (default: the champion)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     parser.add_argument("--port", type=int, default=5003, help="port (default: 5003)")
-    parser.add_argument(
-        "--params", type=Path, default=None, help="params.yaml (default: the repository's)"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -185,11 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from gtzan_mlops import tracking
-    from gtzan_mlops.predict import default_model_uri
 
     try:
-        params_path = args.params or find_repo_root() / "params.yaml"
-        uri = args.model or default_model_uri(load_params(params_path))
+        params_path = params_file(args)
+        uri = tracking.chosen_model_uri(args)
         tracking.use_store(params_path.resolve().parent)
         classifier = Classifier(uri, mlflow.pyfunc.load_model(uri))
     except Exception as error:  # any loading failure ends the command with its reason

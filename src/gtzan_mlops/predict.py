@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from gtzan_mlops.config import ConfigError, find_repo_root, load_params
+from gtzan_mlops.config import ConfigError, add_model_arguments
 from gtzan_mlops.serving import (
     BASE64_COLUMN,
     GENRE_COLUMN,
@@ -36,11 +36,6 @@ class FileResult:
     error: str | None = None
     warning: str | None = None
     timeline: tuple[dict[str, Any], ...] = ()  # per segment: start_s, end_s, genre, probabilities
-
-
-def default_model_uri(params: dict[str, Any]) -> str:
-    name = params["promote"]["model_name"]
-    return f"models:/{name}@champion"
 
 
 def _clean_error(message: str, path: str) -> str:
@@ -141,26 +136,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="gtzan-mlops predict", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
     )
     parser.add_argument("files", nargs="+", help="audio files (WAV, AU, FLAC, MP3, OGG)")
-    parser.add_argument("--model", default="", help="model URI (default: the champion)")
+    add_model_arguments(parser)
     parser.add_argument("--top", type=int, default=3, help="how many genres to list per file")
     parser.add_argument(
         "--timeline",
         action="store_true",
         help="also print the genre through each song (runs of segments of one genre)",
     )
-    parser.add_argument(
-        "--params", type=Path, default=None, help="params.yaml (default: repo root's)"
-    )
     args = parser.parse_args(argv)
 
-    model_uri = args.model
-    if not model_uri:
-        try:
-            params_path = args.params or find_repo_root() / "params.yaml"
-            model_uri = default_model_uri(load_params(params_path))
-        except ConfigError as error:
-            print(f"gtzan-mlops predict: {error}; pass --model", file=sys.stderr)
-            return 2
+    from gtzan_mlops import tracking
+
+    try:
+        model_uri = tracking.chosen_model_uri(args)
+    except ConfigError as error:
+        print(f"gtzan-mlops predict: {error}; pass --model", file=sys.stderr)
+        return 2
     try:
         model = load_model(model_uri, args.params.resolve().parent if args.params else None)
     except Exception as error:  # any loading failure ends the command with its reason

@@ -45,11 +45,10 @@ from gtzan_mlops.records import (
 from gtzan_mlops.scoring import EvaluationError, score_classifier
 from gtzan_mlops.serving import ServingLimits
 from gtzan_mlops.split_data import TestData, feature_dir, load_test_data, split_label
-from gtzan_mlops.tracking import module_closure
+from gtzan_mlops.tracking import CHAMPION_ALIAS, champion_uri, module_closure
 
 log = logging.getLogger(__name__)
 
-CHAMPION_ALIAS = "champion"
 ON_DATA_CHANGE = ("keep", "replace")
 DIFFERENT_DATA = "champion evaluated on different data"
 # Scores are means over a few songs: two equal ones computed in another order can differ in the
@@ -400,7 +399,7 @@ def promote_winner(
         "feature_set": feature_set,
         "metric": metric,
         "challenger_value": challenger_value,
-        "model_uri": f"models:/{name}@{CHAMPION_ALIAS}",
+        "model_uri": champion_uri(name),
     }
 
     spec = serving.ServingSpec(

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from gtzan_mlops.config import ConfigError, find_repo_root, load_params
+from gtzan_mlops.config import ConfigError, add_model_arguments, params_file
 
 
 def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
@@ -35,13 +35,12 @@ def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[st
 
 def main(argv: list[str] | None = None) -> int:
     from gtzan_mlops import tracking
-    from gtzan_mlops.predict import default_model_uri
 
     parser = argparse.ArgumentParser(
         prog="gtzan-mlops serve",
         description="Serve the champion (or --model) with `mlflow models serve` on loopback.",
     )
-    parser.add_argument("--model", default="", help="model URI (default: the champion)")
+    add_model_arguments(parser)
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -49,13 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    parser.add_argument(
-        "--params", type=Path, default=None, help="params.yaml (default: the repository's)"
-    )
     args = parser.parse_args(argv)
     try:
-        params_path = args.params or find_repo_root() / "params.yaml"
-        model_uri = args.model or default_model_uri(load_params(params_path))
+        params_path = params_file(args)
+        model_uri = tracking.chosen_model_uri(args)
     except ConfigError as error:
         print(f"gtzan-mlops serve: {error}; pass --model", file=sys.stderr)
         return 2

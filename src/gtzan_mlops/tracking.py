@@ -11,6 +11,7 @@ studies from experiments land in the same store as those of `dvc repro`.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -19,13 +20,26 @@ from typing import Any
 
 import yaml
 
-from gtzan_mlops.config import find_repo_root
+from gtzan_mlops.config import find_repo_root, load_params, params_file
 
 TRACKING_DIR = "mlruns"
 DATABASE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 # Not "optuna": a folder of that name at the root makes ruff sort `import optuna` as first-party.
 OPTUNA_DIR = "optuna-journals"
+# The registry alias of the served model (an alias: MLflow's model stages are deprecated).
+CHAMPION_ALIAS = "champion"
+
+
+def champion_uri(model_name: str) -> str:
+    """The URI that names whichever version of a registered model is the champion now."""
+    return f"models:/{model_name}@{CHAMPION_ALIAS}"
+
+
+def chosen_model_uri(args: argparse.Namespace) -> str:
+    """The model a command was asked to run (config.add_model_arguments): its --model, else the
+    champion of the model that its params.yaml's promote.model_name names (read only then)."""
+    return args.model or champion_uri(load_params(params_file(args))["promote"]["model_name"])
 
 
 def store_root(root: Path | None = None) -> Path:
