@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock requirements-nodeps.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
 	# The duplicates stage fingerprints clips with Chromaprint's fpcalc (a Debian package).
 	command -v fpcalc >/dev/null || bash .ci/system-packages.sh libchromaprint-tools
+	# The promote stage's behavioural check re-encodes test clips as MP3 with lame (Debian too).
+	command -v lame >/dev/null || bash .ci/system-packages.sh lame
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -r requirements.lock

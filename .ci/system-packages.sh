@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # System packages the integration tests need: Chromium (+ its WebDriver) for the MLflow UI test,
 # PostgreSQL for the scale-out test, nginx for the serving proxy's test, Chromaprint's fpcalc for
-# the duplicate fingerprints. Idempotent: installs only what is missing, and refreshes the apt
-# index only when something must be installed. Runs as root (CI) or through sudo.
+# the duplicate fingerprints, lame for the promote stage's MP3 re-encoding of test clips.
+# Idempotent: installs only what is missing, and refreshes the apt index only when something must
+# be installed. Runs as root (CI) or through sudo.
 set -euo pipefail
 
 # fonts-dejavu-core: headless Chromium renders text (and readable screenshots) only with a font.
-# Arguments name a subset (`make setup` asks only for libchromaprint-tools, which the pipeline's
-# duplicates stage runs); none: everything the tests need.
-packages=(chromium chromium-driver postgresql fonts-dejavu-core libchromaprint-tools nginx-light)
+# Arguments name a subset (`make setup` asks only for libchromaprint-tools and lame, which the
+# pipeline's duplicates and promote stages run); none: everything the tests need.
+packages=(chromium chromium-driver postgresql fonts-dejavu-core libchromaprint-tools lame
+    nginx-light)
 if [[ $# -gt 0 ]]; then
     packages=("$@")
 fi

@@ -208,9 +208,14 @@ def fit_confusing(rows: pd.DataFrame, confused_genres: int) -> Pipeline:
     return model.fit(rows[list(FEATURE_NAMES)], labels)
 
 
-def training_record(family: str, model_uri: str, level: str, data) -> dict:
+SELECTION = {"source": "validation", "metric": "song_macro_f1"}  # params selection
+
+
+def training_record(
+    family: str, model_uri: str, level: str, data, selection_value: float = 0.5
+) -> dict:
     """What a training stage writes to data/train/<model>.json, for a synthetic model (named
-    `family` here, on the hand-crafted features)."""
+    `family` here, on the hand-crafted features) whose selection score is `selection_value`."""
     settings = REFERENCE_SETTINGS.to_dict()
     settings.pop("last_segment_min_fraction")
     return {
@@ -235,4 +240,15 @@ def training_record(family: str, model_uri: str, level: str, data) -> dict:
         "n_trials": 1,
         "val_metrics": {},
         "test_metrics": {},
+        "selection": {
+            **SELECTION,
+            "subset": "valid",
+            "value": selection_value,
+            "low": selection_value - 0.1,
+            "high": selection_value + 0.1,
+            "level": 0.95,
+            "n_units": 10,
+            "n_resamples": 200,
+            "folds": None,
+        },
     }

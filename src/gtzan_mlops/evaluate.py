@@ -1,35 +1,38 @@
-"""The `evaluate` stage: every trained model on the same held-out test set, and the winner.
+"""The `evaluate` stage: every trained model on the same held-out test set, and the winner, chosen
+without it.
 
-A model is a family trained on a feature set (`<family>-<feature set>`, e.g. `xgboost-both`),
-so the winner is chosen across families and feature sets on the same test songs. Each model's
-best version (from `data/train/<model>.json`) is loaded from MLflow and scored on
-the test subset of the active split, at its own level: a segment-level model on the test
-segments, a clip-level model on the test clips. Segment-level models are also scored per song
-(segment probabilities averaged per track, the way the served model classifies a clip); for a
-clip-level model a song is a clip, so its song metrics equal its clip metrics. Song-level
-metrics are therefore the ones that compare families of both levels on equal terms, and the
-default selection metric (`evaluate.metric: test_song_macro_f1`).
+A model is a family trained on a feature set (`<family>-<feature set>`, e.g. `xgboost-both`).
+The winner among the candidates (`evaluate.candidates` on each candidate feature set) is the one
+with the best **selection score** its training stage recorded (params `selection`: the best
+trial's validation score, or a cross-validation over train+valid that keeps the split's units
+together). The test set chooses nothing: each model's best version (from
+`data/train/<model>.json`) is loaded from MLflow and scored on it once, at its own level (a
+segment-level model on the test segments, a clip-level one on the test clips) and per song
+(segment probabilities averaged per track, as the served model votes), for the report and the
+promotion gate. Every test score comes with its 95 % interval, a bootstrap over the split's
+units (uncertainty.py).
 
-Writes `reports/evaluate/evaluation.json` (every family's test metrics, what promote reads),
-for the winner `confusion.csv` (actual, predicted: one row per test song) and `per_class_f1.csv`
-(genre, f1) beside it as DVC plots with the same two as PNG, and the key numbers as the DVC
-metrics file `metrics/evaluate.json`: the split (and whether it is leaky), the winner, and each
-family's selection metric, so `dvc exp show` and `dvc metrics diff` stay readable. Only the
-families in `evaluate.candidates` can win (the classic models are scored for comparison).
+Writes `reports/evaluate/evaluation.json` (every model's selection and test scores, what promote
+reads), `models.csv` and `models.md` (one row per model: which number chose, which reports), for
+the winner `confusion.csv` (actual, predicted: one row per test song) and `per_class_f1.csv`
+(genre, f1) as DVC plots with the same two as PNG, and the key numbers as the DVC metrics file
+`metrics/evaluate.json`. Only the candidates can win (the classic models are scored for
+comparison).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from gtzan_mlops import feature_sets
+from gtzan_mlops import feature_sets, markdown
 from gtzan_mlops.cli import stage_main
-from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.config import resolve_path
 from gtzan_mlops.records import (
     EVALUATION_FILE,
     load_family_record,
@@ -38,33 +41,69 @@ from gtzan_mlops.records import (
     stale_reason,
 )
 from gtzan_mlops.scoring import (
-    METRICS,
     TEST_SUBSET,
     EvaluationError,
     FamilyEvaluation,
     score_classifier,
+    score_intervals,
 )
 from gtzan_mlops.split_data import TestData, load_test_data, split_label
+from gtzan_mlops.uncertainty import BootstrapSettings
 
 log = logging.getLogger(__name__)
 
 MODELS_FILE = "models.csv"  # beside it: one row per model, family x feature set
+MODELS_REPORT = "models.md"  # the same as a readable table
+REPORTED = ("test_song_accuracy", "test_song_macro_f1", "test_accuracy")  # with intervals
 
 
-def choose_winner(
-    evaluations: dict[str, dict[str, Any]], candidates: list[str], metric: str
-) -> str:
-    """The candidate with the highest `metric`; ties go to the earlier candidate in the list."""
+@dataclass(frozen=True)
+class SelectionRule:
+    """How the winner is chosen (params `selection`): from which scores, on which metric."""
+
+    source: str  # validation or cross_validation
+    metric: str  # accuracy, macro_f1, song_accuracy or song_macro_f1
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> SelectionRule:
+        return cls(str(params["selection"]["source"]), str(params["selection"]["metric"]))
+
+    def describe(self) -> str:
+        return f"{self.source} {self.metric}"
+
+
+def selection_of(record: dict[str, Any], rule: SelectionRule) -> dict[str, Any]:
+    """A training record's selection score, if it was computed by `rule`."""
+    selection = record.get("selection")
+    if not selection:
+        raise EvaluationError(
+            f"{record_model(record)}: its training record has no selection score (trained by "
+            "an older version of the train stage); rerun train"
+        )
+    made = SelectionRule(str(selection["source"]), str(selection["metric"]))
+    if made != rule:
+        raise EvaluationError(
+            f"{record_model(record)}: its selection score is {made.describe()}, params ask for "
+            f"{rule.describe()}; rerun train (dvc repro does)"
+        )
+    return selection
+
+
+def choose_winner(evaluations: dict[str, dict[str, Any]], candidates: list[str]) -> str:
+    """The candidate with the highest selection score (never a test score); ties go to the
+    earlier candidate in the list."""
     scored = [name for name in candidates if name in evaluations]
     if not scored:
         raise EvaluationError(
-            f"none of the candidate families {candidates} was evaluated "
+            f"none of the candidate models {candidates} was evaluated "
             f"(evaluated: {sorted(evaluations)})"
         )
     for name in scored:
-        if metric not in evaluations[name]:
-            raise EvaluationError(f"{name}: no value for the selection metric {metric!r}")
-    return max(scored, key=lambda name: (evaluations[name][metric], -scored.index(name)))
+        if "value" not in evaluations[name].get("selection", {}):
+            raise EvaluationError(f"{name}: no selection score")
+    return max(
+        scored, key=lambda name: (evaluations[name]["selection"]["value"], -scored.index(name))
+    )
 
 
 def evaluate_family(record: dict[str, Any], data: TestData) -> FamilyEvaluation:
@@ -112,93 +151,150 @@ def write_plots(
     )
 
 
-def models_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per evaluated model: family, feature set, split, level and test scores, the
-    per-song ones (segment probabilities averaged per song) first."""
-    columns = ["family", "feature_set", "split", "level", "candidate"]
-    scores = ["test_song_accuracy", "test_song_macro_f1", "test_accuracy", "test_songs"]
-    rows = [
-        {"model": name, **{key: entry[key] for key in columns + scores}}
-        for name, entry in results.items()
+def models_table(results: dict[str, dict[str, Any]], winner: str) -> pd.DataFrame:
+    """One row per evaluated model: what it is, the selection score that chose (with its
+    interval) and the test scores that report (with theirs), the per-song ones first."""
+    rows = []
+    for name, entry in results.items():
+        selection = entry["selection"]
+        row: dict[str, Any] = {
+            "model": name,
+            **{key: entry[key] for key in ("family", "feature_set", "split", "level")},
+            "candidate": entry["candidate"],
+            "winner": name == winner,
+            "selection": f"{selection['source']} {selection['metric']}",
+            "selection_value": selection["value"],
+            "selection_low": selection["low"],
+            "selection_high": selection["high"],
+        }
+        for metric in REPORTED:
+            interval = entry["test_intervals"][metric]
+            row.update({metric: entry[metric], f"{metric}_low": interval["low"]})
+            row[f"{metric}_high"] = interval["high"]
+        row["test_songs"] = entry["test_songs"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def models_markdown(table: pd.DataFrame, summary: dict[str, Any]) -> str:
+    """The models table for people: the number that chose beside the numbers that report."""
+    level = f"{summary['uncertainty_level']:.0%}"
+    lines = [
+        f"# Models on the {summary['split']} split",
+        "",
+        f"The winner among the candidates is chosen by **{summary['selection']}** (never a test "
+        "score); the test scores only report. Brackets: "
+        f"{level} intervals, a bootstrap over the split's units (songs, duplicate groups, "
+        "artists).",
+        "",
     ]
-    return pd.DataFrame(rows, columns=["model", *columns, *scores])
+
+    def interval(value: float, low: float, high: float) -> str:
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    header = ["model", "candidate", f"selection: {summary['selection']}"]
+    header += [f"{name} ({level})" for name in REPORTED] + ["test songs"]
+    rows = [
+        [
+            f"**{row['model']}** (winner)" if row["winner"] else row["model"],
+            "yes" if row["candidate"] else "no",
+            interval(row["selection_value"], row["selection_low"], row["selection_high"]),
+            *(interval(row[n], row[f"{n}_low"], row[f"{n}_high"]) for n in REPORTED),
+            row["test_songs"],
+        ]
+        for row in table.to_dict("records")
+    ]
+    return "\n".join(lines + markdown.table(header, rows, "llrrrrr")) + "\n"
 
 
 def evaluate_records(
     records: dict[str, dict[str, Any] | None],
     data: TestData,
     candidates: list[str],
-    metric: str,
+    rule: SelectionRule,
+    bootstrap: BootstrapSettings,
     classes: list[str],
     output_dir: Path,
 ) -> dict[str, Any]:
-    """Score each family's record on `data`, choose the winner, write the metrics and plots.
+    """Score each model's record on the test set, choose the winner by its selection score,
+    write the tables and plots.
 
     `records` maps model (`<family>-<feature set>`; the summary's "families" are these) ->
-    training record (None: the model has no record). A record that
-    belongs to other features or another split is skipped with its reason, not scored.
+    training record (None: the model has no record). A record that belongs to other features
+    or another split is skipped with its reason, not scored.
     """
     label = split_label(data.summary)
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     details: dict[str, FamilyEvaluation] = {}
-    for family, record in records.items():
+    for name, record in records.items():
         reason = "no training record" if record is None else stale_reason(record, data)
         if reason or record is None:
-            skipped[family] = reason or "no training record"
-            log.warning("skipping %s: %s", family, skipped[family])
+            skipped[name] = reason or "no training record"
+            log.warning("skipping %s: %s", name, skipped[name])
             continue
+        selection = selection_of(record, rule)
         evaluation = evaluate_family(record, data)
-        details[family] = evaluation
-        results[family] = {
+        details[name] = evaluation
+        results[name] = {
             "family": record["family"],
             "feature_set": record_feature_set(record),
             "split": label,
             "level": record["level"],
-            "candidate": family in candidates,
+            "candidate": name in candidates,
             "run_id": record.get("run_id"),
+            "selection": selection,
             **evaluation.metrics,
+            "test_intervals": score_intervals(evaluation, data.units, bootstrap),
         }
-        log.info("%s (%s split): %s", family, label, evaluation.metrics)
+        log.info("%s (%s split): %s", name, label, evaluation.metrics)
 
-    winner = choose_winner(results, candidates, metric)
+    winner = choose_winner(results, candidates)
     write_plots(details[winner], output_dir, classes, label)
-    models_table(results).to_csv(output_dir / MODELS_FILE, index=False)
+    table = models_table(results, winner)
+    table.to_csv(output_dir / MODELS_FILE, index=False)
     summary = {
         "split": label,
         "split_strategy": data.summary.get("strategy"),
         "leaky": bool(data.summary.get("leaky", False)),
         "subset": TEST_SUBSET,
-        "selection_metric": metric,
+        "selection": rule.describe(),
+        "selection_source": rule.source,
+        "selection_metric": rule.metric,
+        "uncertainty_level": bootstrap.level,
         "winner": winner,
-        f"winner_{metric}": results[winner][metric],
+        "winner_selection": results[winner]["selection"],
+        "winner_test": {metric: results[winner]["test_intervals"][metric] for metric in REPORTED},
         "families": results,
         "skipped": skipped,
     }
+    (output_dir / MODELS_REPORT).write_text(models_markdown(table, summary), encoding="utf-8")
     (output_dir / EVALUATION_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _bounds(interval: dict[str, Any]) -> dict[str, float]:
+    return {key: interval[key] for key in ("value", "low", "high")}
+
+
 def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics of the stage: split, winner and each family's selection metric."""
-    metric = summary["selection_metric"]
+    """The DVC metrics of the stage: split, how the winner was chosen, the winner's selection
+    and test scores with their intervals, and each model's selection and test song score."""
     return {
         "split": summary["split"],
         "leaky": summary["leaky"],
+        "selection": summary["selection"],
         "winner": summary["winner"],
-        f"winner_{metric}": summary[f"winner_{metric}"],
-        metric: {family: scores[metric] for family, scores in summary["families"].items()},
+        "winner_selection": _bounds(summary["winner_selection"]),
+        **{f"winner_{name}": _bounds(value) for name, value in summary["winner_test"].items()},
+        "models": {
+            name: {
+                "selection": scores["selection"]["value"],
+                "test_song_macro_f1": scores["test_song_macro_f1"],
+            }
+            for name, scores in summary["families"].items()
+        },
     }
-
-
-def selection_metric(stage: dict[str, Any]) -> str:
-    metric = str(stage["metric"])
-    if metric.removeprefix(f"{TEST_SUBSET}_") not in METRICS:
-        raise ConfigError(
-            f"evaluate.metric must be one of {[f'{TEST_SUBSET}_{m}' for m in METRICS]}, "
-            f"got {metric!r}"
-        )
-    return metric
 
 
 def trained_models(params: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -217,12 +313,11 @@ def trained_models(params: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Evaluate every trained family on the test set, pick the winner, write the metrics."""
+    """Evaluate every trained model on the test set, pick the winner, write the metrics."""
     from gtzan_mlops import tracking
 
     paths = params["paths"]
     models, candidates = trained_models(params)
-    metric = selection_metric(params["evaluate"])
     records_dir = resolve_path(paths["train_records"], root)
     records = {
         model: load_family_record(records_dir / f"{model}.json")
@@ -232,11 +327,13 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     }
     tracking.use_store(root)
     output_dir = resolve_path(paths["evaluate_reports"], root)
+    output_dir.mkdir(parents=True, exist_ok=True)
     summary = evaluate_records(
         records,
         load_test_data(params, root),
         candidates,
-        metric,
+        SelectionRule.from_params(params),
+        BootstrapSettings.from_params(params),
         list(params["genres"]),
         output_dir,
     )
@@ -257,18 +354,14 @@ def log_evaluation(summary: dict[str, Any], output_dir: Path, experiment: str, r
         experiment,
         stage="evaluate",
         run_name=f"evaluate [{summary['split']}]",
-        params={"selection_metric": summary["selection_metric"], "subset": TEST_SUBSET},
-        metrics={
-            f"{family}.{name}": float(value)
-            for family, scores in summary["families"].items()
-            for name, value in scores.items()
-            if name.startswith(f"{TEST_SUBSET}_")
-        },
+        params={"selection": summary["selection"], "subset": TEST_SUBSET},
+        metrics=evaluation_metrics(summary),
         artifacts=[
             output_dir / name
             for name in (
                 EVALUATION_FILE,
                 MODELS_FILE,
+                MODELS_REPORT,
                 "confusion.png",
                 "per_class_f1.png",
                 "confusion.csv",
@@ -282,11 +375,29 @@ def log_evaluation(summary: dict[str, Any], output_dir: Path, experiment: str, r
     )
 
 
+def evaluation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """`<model>.selection_<metric>` and every `<model>.test_<metric>`, the reported ones with
+    `_low` and `_high` beside them."""
+    metrics: dict[str, float] = {}
+    for name, scores in summary["families"].items():
+        selection = scores["selection"]
+        metrics[f"{name}.selection_{selection['metric']}"] = float(selection["value"])
+        for metric, value in scores.items():
+            if metric.startswith(f"{TEST_SUBSET}_") and isinstance(value, int | float):
+                metrics[f"{name}.{metric}"] = float(value)
+        for metric, interval in scores["test_intervals"].items():
+            metrics[f"{name}.{metric}_low"] = float(interval["low"])
+            metrics[f"{name}.{metric}_high"] = float(interval["high"])
+    return metrics
+
+
 def describe(summary: dict[str, Any]) -> str:
-    metric = summary["selection_metric"]
+    chosen, song = summary["winner_selection"], summary["winner_test"]["test_song_accuracy"]
     return (
-        f"winner on the {summary['split']} split: {summary['winner']} "
-        f"({metric} = {summary[f'winner_{metric}']:.4f})"
+        f"winner on the {summary['split']} split: {summary['winner']}, chosen by "
+        f"{summary['selection']} {chosen['value']:.3f} [{chosen['low']:.3f}, "
+        f"{chosen['high']:.3f}]; test song accuracy {song['value']:.3f} "
+        f"[{song['low']:.3f}, {song['high']:.3f}]"
     )
 
 

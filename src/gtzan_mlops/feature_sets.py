@@ -26,6 +26,7 @@ from gtzan_mlops.features import (
     FeatureSettings,
     extract_clip,
     feature_names,
+    normalise_loudness,
     segment_bounds,
 )
 
@@ -124,7 +125,17 @@ def made_with(
     path = folder / SETTINGS_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        recorded = FeatureSettings(**record["features"])
+        features = record["features"]
+        if not isinstance(features, dict):
+            raise TypeError(f"features is a {type(features).__name__}, not a mapping")
+        # Tables made before a setting existed came from older code: they are remade.
+        missing = [name for name in FeatureSettings.__dataclass_fields__ if name not in features]
+        if missing:
+            raise FeatureSetError(
+                f"{path}: the feature tables were made before the feature settings "
+                f"{', '.join(missing)} existed; rerun the features stage (dvc repro)"
+            )
+        recorded = FeatureSettings(**features)
     except FileNotFoundError:
         raise FeatureSetError(
             f"{path}: no record of the settings the feature tables were made with (rerun the "
@@ -224,7 +235,13 @@ def extract_sets(
     bounds, `batch_size` patches at a time. `handcrafted=False` skips the hand-crafted features
     where a model does not use them (the segment bounds are still those of the hand-crafted
     segmentation).
+
+    Both see the clip after loudness normalisation (`features.normalise_loudness`, off when
+    `settings.loudness_target_dbfs` is None), done here once for the training tables and for
+    every excerpt of a served song alike, so a quieter copy of a song gets the same features.
     """
+    # Before resampling: one gain for both sample rates, from the decoded clip as it is.
+    waveform = normalise_loudness(waveform, file_rate, settings)
     samples = resample(waveform, file_rate, settings.sample_rate)
     if handcrafted:
         hand = extract_clip(samples, settings, include_clip=include_clip)

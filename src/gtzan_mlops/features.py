@@ -61,6 +61,10 @@ class FeatureSettings:
     # A final segment this much complete still counts, moved back to end at the clip's end: many
     # GTZAN clips are a few ms short of 30 s and would otherwise lose their tenth segment.
     last_segment_min_fraction: float
+    # Loudness normalisation (see `normalise_loudness`): the RMS level in dBFS every clip is
+    # scaled to before any feature is computed (None: off), and the most gain that may take.
+    loudness_target_dbfs: float | None
+    loudness_max_gain_db: float
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
@@ -90,6 +94,8 @@ REFERENCE_SETTINGS = FeatureSettings(
     clip_seconds=30.0,
     segment_seconds=3.0,
     last_segment_min_fraction=0.99,
+    loudness_target_dbfs=None,  # the reference table was made from the clips as they are
+    loudness_max_gain_db=40.0,
 )
 
 
@@ -204,6 +210,34 @@ def excerpt_features(waveform: np.ndarray, settings: FeatureSettings) -> np.ndar
     for coefficient in mfcc:
         values.extend(_mean_var(coefficient))
     return np.asarray(values, dtype=np.float64)
+
+
+def normalise_loudness(
+    waveform: np.ndarray, sample_rate: int, settings: FeatureSettings
+) -> np.ndarray:
+    """`waveform` (at `sample_rate`) scaled so that the RMS of its first `clip_seconds`, the part
+    the features describe, is `settings.loudness_target_dbfs` (dBFS: 20 log10 of the RMS, full
+    scale 1.0), with at most `loudness_max_gain_db` of gain; as float32.
+
+    Unchanged when the target is None (normalisation off) and when that part is all zeros (or
+    not finite): the quality gates and `check_waveform` refuse those elsewhere.
+    """
+    target = settings.loudness_target_dbfs
+    if target is None:
+        return waveform
+    samples = np.asarray(waveform, dtype=np.float32)
+    # One RMS over the clip (a served song's 30 s excerpt), not per segment or frame: a quieter
+    # copy of a song is the same song, but a quiet intro inside it is music, and the segments
+    # keep their loudness relative to each other. Measured over the first clip_seconds, which
+    # is what a longer training file's features and a served excerpt both describe.
+    measured = samples[: round(settings.clip_seconds * sample_rate)]
+    rms = float(np.sqrt(np.mean(np.square(measured, dtype=np.float64)))) if measured.size else 0.0
+    if rms == 0.0 or not np.isfinite(rms):
+        return samples
+    # The cap: a near-silent clip (a fade, a hiss) is not blown up into loud noise. There is
+    # none on attenuation: a loud clip always comes down to the target.
+    gain = min(10.0 ** (target / 20.0) / rms, 10.0 ** (settings.loudness_max_gain_db / 20.0))
+    return (samples.astype(np.float64) * gain).astype(np.float32)
 
 
 def segment_bounds(n_samples: int, settings: FeatureSettings) -> list[tuple[int, int]]:

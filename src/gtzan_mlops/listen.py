@@ -35,6 +35,22 @@ _ROW_PREFIX = re.compile(r"^row \d+: ")
 _FILENAME = re.compile(r"[^\w .()\-]+")
 
 
+# The registered version's tags the page shows: what it was trained on and its test score with
+# the interval (promote.version_tags).
+VERSION_FACTS = (
+    "split",
+    "leaky",
+    "data_source",
+    "training_clips",
+    "metric_name",
+    "metric_value",
+    "metric_low",
+    "metric_high",
+    "metric_level",
+    "test_clips",
+)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the page says about the model that answers."""
@@ -47,8 +63,7 @@ class ModelInfo:
     spec: dict[str, Any]  # the served model's own description (family, level, feature set)
 
     def to_json(self) -> dict[str, Any]:
-        described = {key: self.tags.get(key) for key in ("split", "leaky", "metric_name")}
-        described["metric_value"] = self.tags.get("metric_value")
+        described = {key: self.tags.get(key) for key in VERSION_FACTS}
         for key in ("family", "feature_set", "level"):  # the model's own, outside the registry
             described[key] = self.tags.get(key) or self.spec.get(key)
         return {

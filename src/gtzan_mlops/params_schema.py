@@ -57,7 +57,6 @@ Scalar = StrictBool | Int | Float | StrictStr | None
 FeatureSet = Literal["handcrafted", "musicnn", "both"]
 Family = Literal[FAMILIES]  # type: ignore[valid-type]
 Metric = Literal["accuracy", "macro_f1", "song_accuracy", "song_macro_f1"]
-TestMetric = Literal["test_accuracy", "test_macro_f1", "test_song_accuracy", "test_song_macro_f1"]
 
 
 class Section(BaseModel):
@@ -122,6 +121,8 @@ class Features(Section):
     clip_seconds: Annotated[Float, Field(gt=0)]
     segment_seconds: Annotated[Float, Field(gt=0)]
     last_segment_min_fraction: Annotated[Float, Field(gt=0, le=1)]
+    loudness_target_dbfs: Annotated[Float, Field(le=0)] | None
+    loudness_max_gain_db: Annotated[Float, Field(ge=0)]
     musicnn: Musicnn
 
 
@@ -230,17 +231,41 @@ class Train(Section):
     xgboost: Tuning
 
 
+class Selection(Section):
+    source: Literal["validation", "cross_validation"]
+    metric: Metric
+    folds: Annotated[Int, Field(ge=2)]
+    seed: Count
+
+
+class Uncertainty(Section):
+    level: Share
+    n_resamples: Annotated[Int, Field(ge=100)]
+    seed: Count
+
+
 class Evaluate(Section):
     candidates: Annotated[list[Family], Field(min_length=1)]
     families: list[Family] | None
-    metric: TestMetric
+
+
+class Behaviour(Section):
+    min_unchanged: Annotated[Float, Field(ge=0, le=1)]
+    gains_db: list[Annotated[Float, Field(lt=0)]]
+    shift_s: Annotated[Float, Field(ge=0)]
+    resample_rate: Positive
+    resample_channels: Positive
+    mp3_kbps: Annotated[Int, Field(ge=8, le=320)]
 
 
 class Promote(Section):
     model_name: Annotated[StrictStr, Field(min_length=1)]
+    metric: Literal["song_accuracy", "song_macro_f1"]
     min_improvement: Annotated[Float, Field(ge=0)]
-    on_data_change: Literal["keep", "replace"]
+    require_significant: StrictBool
+    unloadable_champion: Literal["stop", "absent"]
     experiment_name: Annotated[StrictStr, Field(min_length=1)] | None
+    behaviour: Behaviour
 
 
 class Serving(Section):
@@ -327,6 +352,8 @@ class Params(Section):
     pca: Pca
     split: Split
     train: Train
+    selection: Selection
+    uncertainty: Uncertainty
     evaluate: Evaluate
     promote: Promote
     serving: Serving

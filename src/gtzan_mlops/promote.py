@@ -1,24 +1,21 @@
 """The `promote` stage: register the evaluated winner and move the `champion` alias if it earns it.
 
-The winner of the evaluate stage (`reports/evaluate/evaluation.json`) is logged as the serving
-model (serving.py: a pyfunc that takes raw audio) and registered as a new version of
-`promote.model_name`, tagged with the split, the data fingerprints, the git commit and its test
-metric. The alias `champion` moves to it only
-when it beats the current champion on the same test data:
+The winner of the evaluate stage (`reports/evaluate/evaluation.json`, chosen without the test
+set) is logged as the serving model (serving.py: a pyfunc that takes raw audio) and registered
+as a new version of `promote.model_name`. Then both it and the current champion are played the
+audio files of the current test clips, exactly as `mlflow models serve` would be, and the rule
+of promotion.py decides: the challenger must pass the behavioural gate (its genre unchanged on
+quieter, later, resampled and MP3 copies of the test clips), the champion must not have trained
+on those clips, and the challenger must beat it on them by the paired song-level difference.
+Because both are scored on audio, a champion trained on other data, split or features is
+compared on the same clips as the challenger: no feature table needs to match.
 
-- no champion yet: promoted;
-- the champion's tags show the same split file and the same features (sha256): the champion is
-  loaded and scored again on the current test set (its stored number is not trusted), and the
-  challenger is promoted only if it is better by more than zero and by at least
-  `promote.min_improvement`;
-- the champion was evaluated on another split or feature version: the numbers are not
-  comparable, so nothing is compared. With `promote.on_data_change: keep` (the default) the
-  champion stays and the new version is registered with the reason; with `replace` the new
-  version becomes champion (for when the split or the features changed on purpose).
-
-The decision and its reason go to `reports/promote/promotion.json` (the key numbers to the DVC
-metrics file `metrics/promotion.json`) and to the version's tags and description. Registry
-stages (deprecated) are never used: only aliases and tags.
+Every version is tagged with what it is and what it was trained on: data source, number and
+digest of its training clips (the list itself, by the sha256 of their decoded samples, is the
+run's `training_clips.csv`), split, selection rule and score, the served test scores with their
+intervals, the behavioural fractions and the decision. The decision and its evidence go to
+`reports/promote/promotion.json` (the key numbers to the DVC metrics file
+`metrics/promotion.json`). Registry stages (deprecated) are never used: only aliases and tags.
 """
 
 from __future__ import annotations
@@ -27,14 +24,23 @@ import dataclasses
 import hashlib
 import json
 import logging
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gtzan_mlops import feature_sets
+from gtzan_mlops.behaviour import BehaviourSettings, require_tools
+from gtzan_mlops.champion import (
+    TRAINING_CLIPS_FILE,
+    current_champion,
+    load_champion,
+)
 from gtzan_mlops.cli import stage_main
-from gtzan_mlops.config import ConfigError, resolve_path
+from gtzan_mlops.config import resolve_path
 from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops.promotion import BehaviourResult, Comparison, Decision, decide_promotion
 from gtzan_mlops.records import (
     EVALUATION_FILE,
     load_family_record,
@@ -42,103 +48,80 @@ from gtzan_mlops.records import (
     record_model,
     stale_reason,
 )
-from gtzan_mlops.scoring import EvaluationError, score_classifier
+from gtzan_mlops.scoring import EvaluationError
+from gtzan_mlops.served_evaluation import (
+    CLIPS_COLUMNS,
+    ServedModel,
+    SplitClips,
+    check_behaviour,
+    compare,
+    load_split_clips,
+    served_scores,
+)
 from gtzan_mlops.serving import ServingLimits
 from gtzan_mlops.split_data import TestData, feature_dir, load_test_data, split_label
 from gtzan_mlops.tracking import CHAMPION_ALIAS, champion_uri, module_closure
+from gtzan_mlops.uncertainty import (
+    BootstrapSettings,
+    Interval,
+)
 
 log = logging.getLogger(__name__)
 
-ON_DATA_CHANGE = ("keep", "replace")
-DIFFERENT_DATA = "champion evaluated on different data"
-# Scores are means over a few songs: two equal ones computed in another order can differ in the
-# last bits, and 0.85 - 0.80 < 0.05 in floating point. Differences within this are ties.
-SCORE_TOLERANCE = 1e-9
 # What the served model runs besides its classifier (its entry file and all it imports): a
 # change here is a new serving model.
 SERVING_MODULES = module_closure("serving_model")
 
 
 @dataclass(frozen=True)
-class DataVersion:
-    """Which test data a score belongs to: the split file and the features table, by sha256."""
+class PromotionSettings:
+    """The `promote`, `uncertainty` and `serving` sections of params.yaml."""
 
-    split_sha256: str
-    features_sha256: str
+    model_name: str
+    metric: str  # song_accuracy or song_macro_f1
+    min_improvement: float
+    require_significant: bool
+    unloadable_champion: str  # stop or absent
+    experiment_name: str | None  # None: the experiment of the winner's training run
+    behaviour: BehaviourSettings
+    bootstrap: BootstrapSettings
+    limits: ServingLimits
+    musicnn_weights: Path | None = None  # the checkpoint logged with a model on musicnn features
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
+        stage = params["promote"]
+        return cls(
+            model_name=str(stage["model_name"]),
+            metric=str(stage["metric"]),
+            min_improvement=float(stage["min_improvement"]),
+            require_significant=bool(stage["require_significant"]),
+            unloadable_champion=str(stage["unloadable_champion"]),
+            experiment_name=stage["experiment_name"],
+            behaviour=BehaviourSettings.from_params(params),
+            bootstrap=BootstrapSettings.from_params(params),
+            limits=ServingLimits.from_params(params),
+        )
 
 
 @dataclass(frozen=True)
-class ChampionEvidence:
-    """The current champion: the data its tags say it was evaluated on, and (only when that is
-    the current data) its score recomputed on the current test set."""
+class RunContext:
+    """Where the winner comes from, for its version's tags."""
 
-    version: str
-    data: DataVersion
-    value: float | None = None
+    data_source: str  # e.g. "local (../shared/data/gtzan_mini)"
+    git_commit: str | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-    improvement: float | None = None
-
-
-def decide_promotion(
-    challenger_value: float,
-    champion: ChampionEvidence | None,
-    current_data: DataVersion,
-    min_improvement: float,
-    on_data_change: str,
-) -> Decision:
-    """Whether the challenger (scored on `current_data`) takes the champion alias.
-
-    `current_data` is the test data as the champion would see it (its level's features table).
-    Pure: no registry access, so every branch is tested directly.
-    """
-    if on_data_change not in ON_DATA_CHANGE:
-        raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
-    if min_improvement < 0:
-        raise ConfigError("promote.min_improvement must not be negative")
-    if champion is None:
-        return Decision(True, "first model: there was no champion yet")
-    if champion.data != current_data:
-        changed = [
-            name
-            for name, then, now in (
-                ("split", champion.data.split_sha256, current_data.split_sha256),
-                ("features", champion.data.features_sha256, current_data.features_sha256),
-            )
-            if then != now
-        ]
-        reason = (
-            f"{DIFFERENT_DATA} (champion version {champion.version}: {' and '.join(changed)} "
-            "changed since), so the scores are not compared"
-        )
-        if on_data_change == "replace":
-            return Decision(True, f"{reason}; promote.on_data_change=replace: promoted")
-        return Decision(
-            False,
-            f"{reason}; promote.on_data_change=keep: champion kept (set it to replace, or move "
-            "the alias by hand, to promote this version)",
-        )
-    if champion.value is None:
-        raise ValueError("a champion on the current data must come with its recomputed score")
-    improvement = challenger_value - champion.value
-    if improvement > SCORE_TOLERANCE and improvement >= min_improvement - SCORE_TOLERANCE:
-        return Decision(
-            True,
-            f"better than champion version {champion.version} by {improvement:.4f} "
-            f"(>= min_improvement {min_improvement:g}) on the same test data",
-            improvement,
-        )
-    return Decision(
-        False,
-        f"not better than champion version {champion.version} by more than 0 and at least "
-        f"min_improvement {min_improvement:g} on the same test data (difference "
-        f"{improvement:+.4f}); champion kept",
-        improvement,
-    )
+def data_source(params: dict[str, Any]) -> str:
+    """The audio the models learnt from, in words (params `data`)."""
+    data = params["data"]
+    source = str(data["source"])
+    if source == "demo":
+        return "demo (synthetic clips generated by the project)"
+    if source == "local":
+        return f"local ({data['local_dir']})"
+    folder, archive = data["gtzan"]["folder"], data["gtzan"]["archive"]
+    return f"gtzan ({folder or archive or 'downloaded'})"
 
 
 def serving_settings(
@@ -169,90 +152,6 @@ def serving_settings(
     return settings
 
 
-def current_champion(client: Any, model_name: str) -> Any | None:
-    """The model version holding the champion alias, or None (no model or no alias yet)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException as error:
-        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
-            return None
-        raise
-
-
-def rescore_version(model_name: str, version: str, metric: str, data: TestData) -> float:
-    """Load a registered serving model and score its classifier on the current test set."""
-    import mlflow
-
-    served = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").unwrap_python_model()
-    spec = served.spec
-    evaluation = score_classifier(
-        served.classifier,
-        spec.level,
-        list(spec.classes),
-        feature_sets.columns(spec.feature_set, spec.settings.n_mfcc),
-        data.rows(spec.level, spec.feature_set),
-        family=f"{model_name} version {version}",
-    )
-    return float(evaluation.metrics[metric])
-
-
-def version_tags(
-    record: dict[str, Any],
-    evaluation: dict[str, Any],
-    data: TestData,
-    metric: str,
-    git_commit: str | None,
-) -> dict[str, str]:
-    model = record_model(record)
-    level, feature_set = record["level"], record_feature_set(record)
-    return {
-        "model": model,
-        "family": record["family"],
-        "feature_set": feature_set,
-        "flavor": record["flavor"],
-        "level": level,
-        "split": split_label(data.summary),
-        "split_strategy": str(data.summary.get("strategy")),
-        "leaky": str(bool(data.summary.get("leaky", False))).lower(),
-        "split_sha256": data.split_sha256,
-        "features_sha256": data.features_sha256(level, feature_set),
-        "git_commit": git_commit or "unknown",
-        "metric_name": metric,
-        "metric_value": f"{evaluation['families'][model][metric]:.6f}",
-        "classifier_uri": record["model_uri"],
-        "training_run_id": str(record.get("run_id")),
-    }
-
-
-@dataclass(frozen=True)
-class PromotionSettings:
-    """The `promote` and `serving` sections of params.yaml."""
-
-    model_name: str
-    min_improvement: float
-    on_data_change: str
-    experiment_name: str | None  # None: the experiment of the winner's training run
-    limits: ServingLimits | None = None  # the served model's config (params serving)
-    musicnn_weights: Path | None = None  # the checkpoint logged with a model on musicnn features
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
-        stage = params["promote"]
-        settings = cls(
-            model_name=str(stage["model_name"]),
-            min_improvement=float(stage["min_improvement"]),
-            on_data_change=str(stage["on_data_change"]),
-            experiment_name=stage["experiment_name"],
-        )
-        if settings.on_data_change not in ON_DATA_CHANGE:
-            raise ConfigError(f"promote.on_data_change must be one of {ON_DATA_CHANGE}")
-        if settings.min_improvement < 0:
-            raise ConfigError("promote.min_improvement must not be negative")
-        return dataclasses.replace(settings, limits=ServingLimits.from_params(params))
-
-
 def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSettings) -> str:
     """What a served model is made of: its classifier, spec, serving settings and code."""
     from gtzan_mlops.tracking import source_digest
@@ -260,76 +159,201 @@ def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSetti
     payload = {
         "classifier_uri": classifier_uri,
         "spec": spec.to_dict(),
-        "limits": settings.limits.to_config() if settings.limits else None,
+        "limits": settings.limits.to_config(),
         "code": source_digest(*SERVING_MODULES),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def judge_challenger(
-    held_by: Any,
+def version_tags(
     record: dict[str, Any],
     data: TestData,
-    metric: str,
-    challenger_value: float,
+    clips: SplitClips,
+    served: dict[str, Interval],
+    behaviour: BehaviourResult | None,
     settings: PromotionSettings,
-) -> tuple[Decision, ChampionEvidence | None]:
-    """Whether the winner (its training `record`, scoring `challenger_value`) takes the alias
-    from the registered champion `held_by` (None: there is none), and the champion's evidence:
-    its score recomputed on the same test data when that data is what it was evaluated on."""
-    if held_by is not None and held_by.tags.get("classifier_uri") == record["model_uri"]:
-        # The champion's own classifier, served by other code or settings: nothing to compare.
-        reason = (
-            f"the classifier of champion version {held_by.version}, with new serving code or "
-            "serving settings"
+    context: RunContext,
+) -> dict[str, str]:
+    """What a registered version says about itself (all strings: registry tags)."""
+    level, feature_set = record["level"], record_feature_set(record)
+    selection = record["selection"]
+    tags = {
+        "model": record_model(record),
+        "family": record["family"],
+        "feature_set": feature_set,
+        "flavor": record["flavor"],
+        "level": level,
+        "data_source": context.data_source,
+        "data_clips": str(len(clips.test) + len(clips.training)),  # in the split
+        "training_clips": str(len(clips.training)),
+        "training_clips_sha256": clips.training_digest,
+        "split": split_label(data.summary),
+        "split_strategy": str(data.summary.get("strategy")),
+        "leaky": str(bool(data.summary.get("leaky", False))).lower(),
+        "split_sha256": data.split_sha256,
+        "features_sha256": data.features_sha256(level, feature_set),
+        "selection": f"{selection['source']} {selection['metric']} ({selection['subset']})",
+        "selection_value": _interval_text(selection),
+        "git_commit": context.git_commit or "unknown",
+        "classifier_uri": record["model_uri"],
+        "training_run_id": str(record.get("run_id")),
+        "test_clips": str(len(clips.test)),
+    }
+    for name, interval in served.items():
+        tags[name] = interval.describe(4)
+    if served:
+        chosen = served[f"test_{settings.metric}"]
+        tags.update(
+            metric_name=f"test_{settings.metric}",
+            metric_value=f"{chosen.value:.6f}",
+            metric_low=f"{chosen.low:.6f}",
+            metric_high=f"{chosen.high:.6f}",
+            metric_level=f"{chosen.level:g}",
         )
-        return Decision(True, reason), None
-    feature_set = record_feature_set(record)
-    current_data = DataVersion(
-        data.split_sha256, data.features_sha256(record["level"], feature_set)
+    if behaviour is not None:
+        tags["behaviour_min_unchanged"] = f"{behaviour.min_unchanged:g}"
+        for name, fraction in behaviour.unchanged.items():
+            tags[f"behaviour.{name}"] = f"{fraction:.4f}"
+    return tags
+
+
+def _interval_text(entry: dict[str, Any]) -> str:
+    return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}] ({entry['level']:g})"
+
+
+def log_challenger(spec: Any, record: dict[str, Any], clips: SplitClips, settings) -> Any:
+    """Log the serving model of `spec` and its training clips into the active run."""
+    import mlflow
+
+    from gtzan_mlops import serving
+
+    info = serving.log_serving_model(
+        spec, record["model_uri"], settings.limits, musicnn_weights=settings.musicnn_weights
     )
-    champion: ChampionEvidence | None = None
-    if held_by is not None:
-        # The champion is compared on the data it would see now: its own level's features.
-        level = held_by.tags.get("level", record["level"])
-        held_set = held_by.tags.get("feature_set", feature_sets.HANDCRAFTED)
-        current_data = DataVersion(data.split_sha256, data.features_sha256(level, held_set))
-        then = DataVersion(
-            held_by.tags.get("split_sha256", ""), held_by.tags.get("features_sha256", "")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / TRAINING_CLIPS_FILE
+        clips.training[list(CLIPS_COLUMNS)].to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    return info
+
+
+def judge(
+    challenger: ServedModel,
+    held_by: Any,
+    record: dict[str, Any],
+    clips: SplitClips,
+    settings: PromotionSettings,
+    load_model: Callable[[str], Any],
+) -> dict[str, Any]:
+    """Score the challenger (and the champion) on the test clips as served, run the gate, and
+    decide; returns the evidence and the Decision under "decision"."""
+    if not clips.test:
+        reason = (
+            "the split holds no clip wholly in its test set (a leaky segment split), so served "
+            "models cannot be compared or checked on whole clips; registered, not promoted"
         )
-        champion = ChampionEvidence(
-            version=held_by.version,
-            data=then,
-            value=rescore_version(settings.model_name, held_by.version, metric, data)
-            if then == current_data
-            else None,
+        return {"decision": Decision(False, reason, "no_test_clips"), "served": {}}
+    ours = challenger.genres(clips.test)
+    served = served_scores(clips, ours, settings.bootstrap)
+    behaviour = check_behaviour(challenger, clips, ours, settings.behaviour)
+    champion, absent_reason = load_champion(
+        held_by, settings.model_name, settings.unloadable_champion, load_model
+    )
+    comparison = leaked = None
+    if champion is not None:
+        version = str(champion.version.version)
+        theirs = champion.served.genres(clips.test)
+        comparison = compare(clips, ours, theirs, version, settings.metric, settings.bootstrap)
+        test_hashes = {clip.track_id: clip.samples_sha256 for clip in clips.test}
+        leaked = (
+            sorted(t for t, h in test_hashes.items() if h in champion.training_clips)
+            if champion.training_clips is not None
+            else None
         )
     decision = decide_promotion(
-        challenger_value,
-        champion,
-        current_data,
+        behaviour,
+        comparison,
         settings.min_improvement,
-        settings.on_data_change,
+        settings.require_significant,
+        leaked=leaked or (),
+        same_classifier=champion is not None
+        and champion.version.tags.get("classifier_uri") == record["model_uri"],
+        **({"no_champion_reason": absent_reason} if absent_reason else {}),
     )
-    return decision, champion
+    if champion is not None and leaked is None:
+        decision = dataclasses.replace(
+            decision,
+            reason=f"{decision.reason} (champion version {champion.version.version} recorded "
+            "no training clips: leakage could not be checked)",
+        )
+    return {
+        "decision": decision,
+        "served": served,
+        "behaviour": behaviour,
+        "comparison": comparison,
+        "leaked": leaked,
+    }
 
 
-def register_serving_model(
-    spec: Any,
+def promote_winner(
+    evaluation: dict[str, Any],
     record: dict[str, Any],
-    metric: str,
-    challenger_value: float,
-    tags: dict[str, str],
-    decision: Decision,
+    data: TestData,
+    clips: SplitClips,
+    feature_settings: FeatureSettings,
     settings: PromotionSettings,
-) -> Any:
-    """Log the serving model of `spec` around the winner's classifier in a `serving-<model>`
-    run, register it as a new version with `tags` and the decision, and move the champion alias
-    to it if the decision says so; returns the model version."""
+    context: RunContext,
+    load_model: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Register the evaluated winner (its training `record`) as a new serving-model version,
+    judge it against the champion on the test clips as served, and move the alias if the rule
+    says so; returns the promotion summary. Uses the active MLflow tracking store and registry.
+    `load_model` loads a served model by URI (mlflow.pyfunc.load_model)."""
     import mlflow
     from mlflow import MlflowClient
 
     from gtzan_mlops import serving, tracking
+
+    load_model = load_model or mlflow.pyfunc.load_model
+    name, winner = settings.model_name, evaluation["winner"]
+    if record_model(record) != winner:
+        raise EvaluationError(f"the record is of {record_model(record)}, the winner is {winner}")
+    summary: dict[str, Any] = {
+        "model_name": name,
+        "split": split_label(data.summary),
+        "leaky": bool(data.summary.get("leaky", False)),
+        "model": winner,
+        "family": record["family"],
+        "feature_set": record_feature_set(record),
+        "selection": record["selection"],
+        "metric": f"test_{settings.metric}",
+        "test_clips": len(clips.test),
+        "training_clips": len(clips.training),
+        "model_uri": champion_uri(name),
+    }
+    spec = serving.ServingSpec(
+        family=record["family"],
+        flavor=record["flavor"],
+        level=record["level"],
+        classes=tuple(record["classes"]),
+        feature_settings=feature_settings.to_dict(),
+        feature_set=record_feature_set(record),
+    )
+    fingerprint = serving_fingerprint(spec, record["model_uri"], settings)
+    client = MlflowClient()
+    held_by = current_champion(client, name)
+    if held_by is not None and held_by.tags.get("serving_fingerprint") == fingerprint:
+        # A rerun with the same winner, serving code and settings: nothing new to register.
+        reason = f"the winner is already the champion (version {held_by.version})"
+        return {
+            **summary,
+            "version": int(held_by.version),
+            "promoted": False,
+            "rule": "already_champion",
+            "reason": reason,
+            "champion_version": int(held_by.version),
+        }
+    require_tools(settings.behaviour)
 
     launched = tracking.launched_run_id()  # `mlflow run . -e promote`: log into its run
     if launched:
@@ -341,112 +365,65 @@ def register_serving_model(
     with mlflow.start_run(
         run_id=launched,
         experiment_id=experiment_id,
-        run_name=f"serving-{record_model(record)}",
-        tags={"gtzan.stage": "promote", **tags},
+        run_name=f"serving-{winner}",
+        tags={"gtzan.stage": "promote"},
     ):
-        model_info = serving.log_serving_model(
-            spec,
-            record["model_uri"],
-            settings.limits,
-            musicnn_weights=settings.musicnn_weights,
-        )
-        mlflow.log_metric(metric, challenger_value)
-    tags = {
-        **tags,
-        "promotion": "promoted" if decision.promote else "not promoted",
-        "promotion_reason": decision.reason,
-    }
-    name = settings.model_name
-    version = mlflow.register_model(model_info.model_uri, name, tags=tags)
-    client = MlflowClient()
+        info = log_challenger(spec, record, clips, settings)
+        challenger = ServedModel(load_model(info.model_uri), "challenger")
+        judged = judge(challenger, held_by, record, clips, settings, load_model)
+        decision: Decision = judged["decision"]
+        tags = {
+            **version_tags(
+                record, data, clips, judged["served"], judged.get("behaviour"), settings, context
+            ),
+            "serving_fingerprint": fingerprint,
+            "promotion": "promoted" if decision.promote else "not promoted",
+            "promotion_rule": decision.rule,
+            "promotion_reason": decision.reason[:4000],
+        }
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(run_metrics(judged))
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=decision.reason)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-    return version
-
-
-def promote_winner(
-    evaluation: dict[str, Any],
-    record: dict[str, Any],
-    data: TestData,
-    feature_settings: FeatureSettings,
-    settings: PromotionSettings,
-    git_commit: str | None = None,
-) -> dict[str, Any]:
-    """Register the evaluated winner (its training `record`) as a new serving-model version and
-    move the champion alias if `decide_promotion` says so; returns the promotion summary.
-
-    Uses the active MLflow tracking store and registry.
-    """
-    from mlflow import MlflowClient
-
-    from gtzan_mlops import serving
-
-    name = settings.model_name
-    if settings.limits is None:
-        raise ConfigError("promotion needs the serving limits (params serving)")
-    winner, metric = evaluation["winner"], evaluation["selection_metric"]
-    if record_model(record) != winner:
-        raise EvaluationError(f"the record is of {record_model(record)}, the winner is {winner}")
-    feature_set = record_feature_set(record)
-    challenger_value = float(evaluation["families"][winner][metric])
-    summary: dict[str, Any] = {
-        "model_name": name,
-        "split": split_label(data.summary),
-        "leaky": bool(data.summary.get("leaky", False)),
-        "model": winner,
-        "family": record["family"],
-        "feature_set": feature_set,
-        "metric": metric,
-        "challenger_value": challenger_value,
-        "model_uri": champion_uri(name),
-    }
-
-    spec = serving.ServingSpec(
-        family=record["family"],
-        flavor=record["flavor"],
-        level=record["level"],
-        classes=tuple(record["classes"]),
-        feature_settings=feature_settings.to_dict(),
-        feature_set=feature_set,
-    )
-    fingerprint = serving_fingerprint(spec, record["model_uri"], settings)
-    held_by = current_champion(MlflowClient(), name)
-    if held_by is not None and held_by.tags.get("serving_fingerprint") == fingerprint:
-        # A rerun with the same winner, serving code and settings: nothing new to register.
-        reason = f"the winner is already the champion (version {held_by.version})"
-        return {
-            **summary,
-            "version": int(held_by.version),
-            "promoted": False,
-            "reason": reason,
-            "champion_version": int(held_by.version),
-        }
-
-    decision, champion = judge_challenger(held_by, record, data, metric, challenger_value, settings)
-    # The new version is registered whatever the decision, so every evaluated winner can be
-    # found (and promoted by hand) with the reason it was or was not promoted.
-    tags = {
-        **version_tags(record, evaluation, data, metric, git_commit),
-        "serving_fingerprint": fingerprint,
-    }
-    version = register_serving_model(
-        spec, record, metric, challenger_value, tags, decision, settings
-    )
+    comparison: Comparison | None = judged.get("comparison")
+    behaviour: BehaviourResult | None = judged.get("behaviour")
+    previous = int(held_by.version) if held_by is not None else None
     return {
         **summary,
         "version": int(version.version),
         "promoted": decision.promote,
+        "rule": decision.rule,
         "reason": decision.reason,
-        "previous_champion_version": int(champion.version) if champion else None,
-        "previous_champion_value": champion.value if champion else None,
-        "improvement": decision.improvement,
+        "served": {key: interval.to_dict() for key, interval in judged["served"].items()},
+        "comparison": comparison.to_dict() if comparison else None,
+        "leaked_test_clips": judged.get("leaked"),
+        "behaviour": behaviour.to_dict() if behaviour else None,
         "min_improvement": settings.min_improvement,
-        "on_data_change": settings.on_data_change,
-        "champion_version": int(version.version)
-        if decision.promote
-        else (int(champion.version) if champion else None),
+        "require_significant": settings.require_significant,
+        "previous_champion_version": previous,
+        "champion_version": int(version.version) if decision.promote else previous,
     }
+
+
+def run_metrics(judged: dict[str, Any]) -> dict[str, float]:
+    """The serving run's MLflow metrics: served test scores with their interval, behaviour,
+    and the comparison with the champion."""
+    metrics: dict[str, float] = {}
+    for name, interval in judged["served"].items():
+        metrics.update({name: interval.value, f"{name}_low": interval.low})
+        metrics[f"{name}_high"] = interval.high
+    behaviour: BehaviourResult | None = judged.get("behaviour")
+    if behaviour is not None:
+        metrics.update({f"unchanged.{n}": f for n, f in behaviour.unchanged.items()})
+    comparison: Comparison | None = judged.get("comparison")
+    if comparison is not None:
+        metrics["champion_value"] = comparison.champion.value
+        metrics["difference"] = comparison.difference.value
+        metrics["difference_low"] = comparison.difference.low
+        metrics["difference_high"] = comparison.difference.high
+    return metrics
 
 
 def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -464,6 +441,11 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     except FileNotFoundError as error:
         raise EvaluationError(f"{evaluate_path}: no such file (run the evaluate stage)") from error
     record = load_family_record(records_dir / f"{evaluation['winner']}.json")
+    if "selection" not in record:
+        raise EvaluationError(
+            f"{records_dir / evaluation['winner']}.json has no selection score (trained by an "
+            "older version of the train stage); rerun the pipeline"
+        )
     musicnn_sha256 = None
     if feature_sets.uses_musicnn(record_feature_set(record)):
         from gtzan_mlops.musicnn import weights_digest
@@ -475,19 +457,20 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
     data = load_test_data(params, root)
     stale = stale_reason(record, data)
     if stale:
-        # Its tags would name the current data while its score came from other data.
+        # Its tags would name the current data while its scores came from other data.
         raise EvaluationError(
             f"{record_model(record)}: {stale} than the current one; rerun train and evaluate"
         )
-
+    clips = load_split_clips(params, root)
     tracking.use_store(root)
     summary = promote_winner(
         evaluation,
         record,
         data,
+        clips,
         feature_settings,
         settings,
-        git_commit=tracking.git_commit(root),
+        RunContext(data_source(params), tracking.git_commit(root)),
     )
     for path, content in ((output, summary), (metrics_path, key_metrics(summary))):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -496,15 +479,27 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics of the stage: what was decided, for which version, on which split."""
-    return {
+    """The DVC metrics of the stage: what was decided, for which version, on which split, and
+    the served scores, comparison and behaviour behind it."""
+    metrics: dict[str, Any] = {
         "split": summary["split"],
         "model": summary["model"],
         "version": summary["version"],
         "promoted": summary["promoted"],
+        "rule": summary["rule"],
         "champion_version": summary["champion_version"],
-        summary["metric"]: summary["challenger_value"],
     }
+    for name, interval in summary.get("served", {}).items():
+        metrics[name] = {key: interval[key] for key in ("value", "low", "high")}
+    comparison = summary.get("comparison")
+    if comparison:
+        metrics["difference_vs_champion"] = {
+            key: comparison["difference"][key] for key in ("value", "low", "high")
+        }
+    behaviour = summary.get("behaviour")
+    if behaviour:
+        metrics["unchanged"] = behaviour["unchanged"]
+    return metrics
 
 
 def describe(summary: dict[str, Any]) -> str:

@@ -3,17 +3,22 @@
 Train (validation and test), evaluate (test), promote (the champion scored again) and the
 reproduction report score through `score_classifier`, so a number means the same wherever it
 appears: accuracy and macro F1 at the model's own level, and per song (segment probabilities
-averaged per track, as the served model votes).
+averaged per track, as the served model votes). `score_intervals` gives each of them its
+bootstrap interval over the split's units (uncertainty.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+if TYPE_CHECKING:
+    from gtzan_mlops.uncertainty import BootstrapSettings, Interval
 
 LEVELS = ("clip", "segment")
 METRICS = ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1")
@@ -26,13 +31,17 @@ class EvaluationError(ValueError):
 
 @dataclass
 class FamilyEvaluation:
-    """Test scores of one family, and the per-song outcomes behind them."""
+    """Scores of one family on one subset, and the per-row and per-song outcomes behind them
+    (with the track of each, for the intervals)."""
 
     family: str
     level: str
     metrics: dict[str, float]
+    subset: str = TEST_SUBSET
     actual: list[str] = field(default_factory=list)  # per row (clip or segment)
     predicted: list[str] = field(default_factory=list)
+    row_tracks: list[str] = field(default_factory=list)  # the track of each row
+    song_tracks: list[str] = field(default_factory=list)  # the track of each song, sorted
     song_actual: list[str] = field(default_factory=list)
     song_predicted: list[str] = field(default_factory=list)
     per_class_f1: dict[str, float] = field(default_factory=dict)
@@ -92,6 +101,20 @@ def score_classifier(
     if absent:
         raise EvaluationError(f"{family}: {subset} features lack columns {absent[:3]}...")
     probabilities = np.asarray(classifier.predict_proba(rows[columns]), dtype=np.float64)
+    return score_probabilities(probabilities, level, classes, rows, family, subset)
+
+
+def score_probabilities(
+    probabilities: np.ndarray,
+    level: str,
+    classes: list[str] | tuple[str, ...],
+    rows: pd.DataFrame,
+    family: str = "",
+    subset: str = TEST_SUBSET,
+) -> FamilyEvaluation:
+    """What `score_classifier` reports, from probabilities already predicted for `rows` (one
+    row each, columns in `classes` order): pooled out-of-fold predictions are scored and voted
+    per song exactly as a model's own."""
     if probabilities.shape != (len(rows), len(classes)):
         raise EvaluationError(
             f"{family}: predict_proba returned shape {probabilities.shape}, expected "
@@ -119,9 +142,57 @@ def score_classifier(
         family=family,
         level=level,
         metrics=result,
+        subset=subset,
         actual=actual,
         predicted=predicted,
+        row_tracks=rows["track_id"].astype(str).tolist(),
+        song_tracks=[str(track) for track in tracks],
         song_actual=song_actual,
         song_predicted=song_predicted,
         per_class_f1=per_class_f1(song_actual, song_predicted, list(classes)),
     )
+
+
+def evaluation_interval(
+    evaluation: FamilyEvaluation,
+    metric: str,
+    unit_of_track: Mapping[str, str],
+    settings: BootstrapSettings,
+) -> Interval:
+    """One of METRICS with its interval: row metrics resample each row with its track's unit,
+    song metrics each song; a track missing from `unit_of_track` is a unit of its own."""
+    from gtzan_mlops import uncertainty
+
+    if metric not in METRICS:
+        raise EvaluationError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    if metric.startswith("song_"):
+        actual, predicted = evaluation.song_actual, evaluation.song_predicted
+        tracks = evaluation.song_tracks
+    else:
+        actual, predicted, tracks = evaluation.actual, evaluation.predicted, evaluation.row_tracks
+    if not actual or len(tracks) != len(actual):
+        raise EvaluationError(
+            f"{evaluation.family}: {evaluation.subset} outcomes of {len(actual)} "
+            f"{'songs' if metric.startswith('song_') else 'rows'} with {len(tracks)} tracks: "
+            "no interval without the track of each"
+        )
+    units = [unit_of_track.get(track, track) for track in tracks]
+    return uncertainty.metric_interval(
+        actual, predicted, units, metric.removeprefix("song_"), settings
+    )
+
+
+def score_intervals(
+    evaluation: FamilyEvaluation,
+    unit_of_track: Mapping[str, str],
+    settings: BootstrapSettings,
+) -> dict[str, dict[str, float | int]]:
+    """{f"{subset}_{metric}": Interval.to_dict()} for every one of METRICS: accuracy and
+    macro_f1 over the rows (each resampled with its track's unit), song_accuracy and
+    song_macro_f1 over the songs (by their unit)."""
+    return {
+        f"{evaluation.subset}_{metric}": evaluation_interval(
+            evaluation, metric, unit_of_track, settings
+        ).to_dict()
+        for metric in METRICS
+    }

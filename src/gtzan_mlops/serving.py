@@ -100,6 +100,7 @@ CLASSIFIER_ARTIFACT = "classifier"
 SPEC_ARTIFACT = "spec"
 MUSICNN_ARTIFACT = "musicnn_weights"
 SERVING_MODEL_NAME = "serving_model"  # the logged model's name inside its run
+BEFORE_LOUDNESS = {"loudness_target_dbfs": None, "loudness_max_gain_db": 0.0}
 
 _log = logging.getLogger(__name__)
 
@@ -155,7 +156,9 @@ class ServingSpec:
 
     @property
     def settings(self) -> FeatureSettings:
-        return FeatureSettings(**self.feature_settings)
+        # A model logged before loudness normalisation existed was trained on the clips as they
+        # were: it keeps computing its features that way.
+        return FeatureSettings(**{**BEFORE_LOUDNESS, **self.feature_settings})
 
 
 def probability_column(genre: str) -> str:

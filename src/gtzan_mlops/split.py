@@ -18,9 +18,11 @@ Strategies (`split.strategy` in params.yaml):
 With `split.artists_file` (a CSV of track_id, artist) the stratified strategies keep each
 artist on one side, and the leakage check covers artists as well as songs.
 
-Output: `data/split/split.csv` (track_id[, segment], genre, subset) and `summary.json` (the
-strategy, its label, whether it is leaky, the level models train at, sizes and the leakage
-check). A non-leaky split with a song (or artist) on two sides fails the stage, naming them.
+Output: `data/split/split.csv` (track_id[, segment], genre, subset, unit) and `summary.json`
+(the strategy, its label, whether it is leaky, the level models train at, sizes and the leakage
+check). `unit` is what the split keeps on one side: the track, or its duplicate group or artist
+(the track for `random_segments`); bootstrap intervals resample units and selection folds keep
+them whole. A non-leaky split with a song (or artist) on two sides fails the stage, naming them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from gtzan_mlops.split_strategies import (
     assign_segments,
     check_leakage,
     download_filtered_lists,
+    group_of_tracks,
     read_filtered_lists,
 )
 
@@ -139,6 +142,10 @@ def make_split(
             raise ConfigError(
                 "no available clip is named in the artist-filtered lists (is the data GTZAN?)"
             )
+        # The lists keep artists apart; the units say which clips to resample together.
+        unit = group_of_tracks(clips, artists, duplicates)
+        unit_of = dict(zip(clips["track_id"].astype(str), unit, strict=True))
+        assignments["unit"] = assignments["track_id"].astype(str).map(unit_of)
         extra.update(missing_from_audio=missing, available_but_unlisted=unlisted)
     if level not in ("clip", "segment"):
         raise ConfigError(f"split.artist_filtered.level must be clip or segment, got {level!r}")

@@ -20,7 +20,8 @@ from gtzan_mlops.config import ConfigError, resolve_path
 from gtzan_mlops.scoring import TEST_SUBSET, EvaluationError
 
 SUBSETS = ("train", "valid", "test")
-SPLIT_FILE = "split.csv"  # in the split stage's folder: track (and segment) -> subset
+SPLIT_FILE = "split.csv"  # in the split stage's folder: track (and segment) -> subset, unit
+UNIT_COLUMN = "unit"  # of SPLIT_FILE: what the split keeps on one side (track, group, artist)
 SUMMARY_FILE = "summary.json"  # beside it: strategy, label, leaky, sizes, leakage check
 GROUP_COLUMN = "duplicate_group"  # of the duplicates stage's clip table
 
@@ -28,7 +29,8 @@ GROUP_COLUMN = "duplicate_group"  # of the duplicates stage's clip table
 def load_split(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The assignments and summary the split stage wrote to `folder`."""
     try:
-        assignments = pd.read_csv(folder / SPLIT_FILE, dtype={"track_id": str})
+        # Ids are names: an all-digit one must not turn into a number.
+        assignments = pd.read_csv(folder / SPLIT_FILE, dtype={"track_id": str, UNIT_COLUMN: str})
         summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error.filename}: no such file (run the split stage)") from error
@@ -46,6 +48,15 @@ def attach_subsets(table: pd.DataFrame, assignments: pd.DataFrame) -> pd.DataFra
         return table.assign(subset=pd.Series(pd.NA, index=table.index, dtype=object))
     merged = table.merge(assignments[[*keys, "subset"]], on=keys, how="left", validate="m:1")
     return merged
+
+
+def unit_of_track(assignments: pd.DataFrame) -> dict[str, str]:
+    """Each assigned track's unit: the cluster that bootstrap intervals resample and selection
+    folds keep together. A split written before the unit column existed: every track its own."""
+    tracks = assignments["track_id"].astype(str)
+    if UNIT_COLUMN not in assignments.columns:
+        return {track: track for track in tracks}
+    return dict(zip(tracks, assignments[UNIT_COLUMN].astype(str), strict=True))
 
 
 def read_groups(path: Path) -> pd.DataFrame:
@@ -105,6 +116,11 @@ class TestData:
     digests: dict[tuple[str, str], str] = field(default_factory=dict)
     features_dir: Path | None = None
     assignments: pd.DataFrame | None = None
+
+    @property
+    def units(self) -> dict[str, str]:
+        """track_id -> unit of the split (empty without assignments: each track its own)."""
+        return {} if self.assignments is None else unit_of_track(self.assignments)
 
     def rows(self, level: str, feature_set: str = feature_sets.HANDCRAFTED) -> pd.DataFrame:
         key = (feature_set, level)

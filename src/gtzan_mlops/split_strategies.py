@@ -112,8 +112,9 @@ def assign_groups(
     artists: pd.DataFrame | None,
     duplicates: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """track_id, genre, subset: whole songs (with their artist's songs and their duplicates)
-    per subset, stratified by genre."""
+    """track_id, genre, subset, unit: whole songs (with their artist's songs and their
+    duplicates) per subset, stratified by genre; `unit` names what was kept together (the
+    clusters of the bootstrap intervals and of the selection folds)."""
     units = tracks[["track_id", "genre"]].copy()
     units["unit"] = group_of_tracks(tracks, artists, duplicates).to_numpy()
     # A group spanning several genres is stratified under its most frequent one.
@@ -121,17 +122,20 @@ def assign_groups(
     unit_table = per_unit.reset_index()
     unit_table["subset"] = stratified_assignment(unit_table, valid_size, test_size, seed)
     units["subset"] = units["unit"].map(unit_table.set_index("unit")["subset"])
-    return units[["track_id", "genre", "subset"]].sort_values("track_id").reset_index(drop=True)
+    columns = ["track_id", "genre", "subset", "unit"]
+    return units[columns].sort_values("track_id").reset_index(drop=True)
 
 
 def assign_segments(
     segments: pd.DataFrame, valid_size: float, test_size: float, seed: int
 ) -> pd.DataFrame:
-    """track_id, segment, genre, subset: every segment on its own (the leaky protocol)."""
+    """track_id, segment, genre, subset, unit: every segment on its own (the leaky protocol).
+    The unit is still the track: its segments are not independent, whatever side they land on."""
     units = segments[["track_id", "segment", "genre"]].copy()
     units["unit"] = units["track_id"] + "#" + units["segment"].astype(str)
     units["subset"] = stratified_assignment(units, valid_size, test_size, seed)
-    columns = ["track_id", "segment", "genre", "subset"]
+    units["unit"] = units["track_id"].astype(str)
+    columns = ["track_id", "segment", "genre", "subset", "unit"]
     return units[columns].sort_values(["track_id", "segment"]).reset_index(drop=True)
 
 

@@ -20,10 +20,15 @@ A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its n
 4. MLflow: one parent run per study (`train-<family> [<split label>]`, reused on resume) and one
    nested run per trial with its hyperparameters, validation metrics and learning curve; tags
    name the git commit, the DVC data hash, the split, and the DVC experiment if any.
-5. The best trial is refit (on train+valid by default, for the epochs/rounds its early stopping
+5. The selection score (params `selection`), what evaluate chooses the winner by, on data the
+   test never touches: the best trial's `selection.metric` on the valid subset, or (source
+   `cross_validation`) its hyperparameters refit on `selection.folds` folds of train+valid that
+   keep the split's units together, scored once on the pooled out-of-fold predictions. Each
+   score carries its bootstrap interval over the split's units (params `uncertainty`).
+6. The best trial is refit (on train+valid by default, for the epochs/rounds its early stopping
    chose) and logged as an MLflow model with signature and input example, with its test
-   metrics, a per-class precision/recall/F1 table and a confusion matrix.
-6. Outputs for DVC: `<paths.train_records>/<model>.json` (the record evaluate and promote read)
+   metrics and their intervals, a per-class precision/recall/F1 table and a confusion matrix.
+7. Outputs for DVC: `<paths.train_records>/<model>.json` (the record evaluate and promote read)
    and `<paths.train_reports>/<model>/`: metrics.json, the optimisation history (history.csv, and
    optuna_history.png), the test confusion matrix and per-class table, also in MLflow.
 
@@ -42,7 +47,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +63,11 @@ from gtzan_mlops.scoring import (
     METRICS,
     EvaluationError,
     FamilyEvaluation,
+    evaluation_interval,
     per_class_table,
     score_classifier,
+    score_intervals,
+    score_probabilities,
 )
 from gtzan_mlops.split_data import (
     SUBSETS,
@@ -68,12 +77,18 @@ from gtzan_mlops.split_data import (
     split_fingerprint,
     split_label,
     split_rows,
+    unit_of_track,
 )
+from gtzan_mlops.uncertainty import BootstrapSettings, Interval
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 BUDGET_ATTR = "budget"  # epochs or boosting rounds the trial's early stopping chose
+VALID_METRICS_ATTR = "valid_metrics"  # the four valid_* metrics of a complete trial
+VALID_OUTCOMES_ATTR = "valid_outcomes"  # its per-song and per-row outcomes (see `outcomes`)
+SELECTION_SOURCES = ("validation", "cross_validation")
+CV_SUBSET = "cv"  # metric prefix of the pooled out-of-fold scores
 EXAMPLE_ROWS = 5
 
 
@@ -90,6 +105,7 @@ class TrainingData:
     features_sha256: str
     split_sha256: str
     feature_settings: dict[str, Any]  # FeatureSettings of the tables, stored with the model
+    units: dict[str, str] = field(default_factory=dict)  # track -> the split's unit
 
     @property
     def label(self) -> str:
@@ -104,6 +120,10 @@ class TrainingData:
         train_x, train_y = self.xy("train")
         valid_x, valid_y = self.xy("valid")
         return pd.concat([train_x, valid_x], ignore_index=True), np.concatenate([train_y, valid_y])
+
+    def train_and_valid_rows(self) -> pd.DataFrame:
+        """The train then valid rows, in the order of `train_and_valid`."""
+        return pd.concat([self.subsets["train"], self.subsets["valid"]], ignore_index=True)
 
 
 def load_training_data(
@@ -138,6 +158,7 @@ def load_training_data(
         feature_settings=feature_sets.made_with(
             features, FeatureSettings.from_params(params)
         ).to_dict(),
+        units=unit_of_track(assignments),
     )
 
 
@@ -195,6 +216,32 @@ class FamilySettings:
     @property
     def objective_key(self) -> str:
         return f"valid_{self.objective}"
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """How the stage scores its model for the choice among candidates (params `selection`).
+    Not part of the study's name: it changes no trial, only what is computed after them."""
+
+    source: str  # validation or cross_validation
+    metric: str  # one of scoring.METRICS
+    folds: int  # of train+valid, for cross_validation
+    seed: int  # of the folds' shuffle
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> SelectionSettings:
+        section = params["selection"]
+        source, metric = str(section["source"]), str(section["metric"])
+        if source not in SELECTION_SOURCES:
+            raise ConfigError(
+                f"selection.source must be one of {SELECTION_SOURCES}, got {source!r}"
+            )
+        if metric not in METRICS:
+            raise ConfigError(f"selection.metric must be one of {METRICS}, got {metric!r}")
+        folds = int(section["folds"])
+        if folds < 2:
+            raise ConfigError(f"selection.folds must be at least 2, got {folds}")
+        return cls(source=source, metric=metric, folds=folds, seed=int(section["seed"]))
 
 
 def code_fingerprint() -> str:
@@ -295,6 +342,50 @@ def evaluate_subset(
     )
 
 
+def outcomes(evaluation: FamilyEvaluation) -> dict[str, list]:
+    """The per-song and per-row outcomes of a scoring, JSON-able for an Optuna user attribute:
+    each row names its song by its position in `song_tracks` (shorter than the track id)."""
+    position = {track: number for number, track in enumerate(evaluation.song_tracks)}
+    return {
+        "song_tracks": list(evaluation.song_tracks),
+        "song_actual": list(evaluation.song_actual),
+        "song_predicted": list(evaluation.song_predicted),
+        "row_song": [position[track] for track in evaluation.row_tracks],
+        "row_actual": list(evaluation.actual),
+        "row_predicted": list(evaluation.predicted),
+    }
+
+
+def stored_attr(trial: Any, name: str, family: str) -> Any:
+    """A user attribute every complete trial of this code stores."""
+    if name not in trial.user_attrs:
+        raise EvaluationError(
+            f"{family}: trial {trial.number} stored no {name} (a study run by older code?): "
+            "start a new study"
+        )
+    return trial.user_attrs[name]
+
+
+def evaluation_of_trial(
+    trial: Any, settings: FamilySettings, data: TrainingData
+) -> FamilyEvaluation:
+    """The validation scoring a complete trial stored (`outcomes`), rebuilt for its intervals."""
+    stored = stored_attr(trial, VALID_OUTCOMES_ATTR, settings.family)
+    songs = stored["song_tracks"]
+    return FamilyEvaluation(
+        family=settings.family,
+        level=data.level,
+        metrics=dict(stored_attr(trial, VALID_METRICS_ATTR, settings.family)),
+        subset="valid",
+        actual=list(stored["row_actual"]),
+        predicted=list(stored["row_predicted"]),
+        row_tracks=[songs[number] for number in stored["row_song"]],
+        song_tracks=list(songs),
+        song_actual=list(stored["song_actual"]),
+        song_predicted=list(stored["song_predicted"]),
+    )
+
+
 def make_objective(settings: FamilySettings, data: TrainingData, parent_run_id: str, tags: dict):
     import mlflow
     import optuna
@@ -340,8 +431,15 @@ def make_objective(settings: FamilySettings, data: TrainingData, parent_run_id: 
                 # Raised after the run closes: a pruned trial is a finished run, not a failed one.
                 pruned = error
             else:
-                metrics = evaluate_subset(result, data, "valid", settings.family).metrics
+                evaluation = evaluate_subset(result, data, "valid", settings.family)
+                metrics = evaluation.metrics
                 mlflow.log_metrics(metrics)
+                # What the selection score and its interval need, without refitting the trial.
+                valid_metrics = {
+                    f"valid_{name}": float(metrics[f"valid_{name}"]) for name in METRICS
+                }
+                trial.set_user_attr(VALID_METRICS_ATTR, valid_metrics)
+                trial.set_user_attr(VALID_OUTCOMES_ATTR, outcomes(evaluation))
                 if result.budget is not None:
                     trial.set_user_attr(BUDGET_ATTR, int(result.budget))
                     mlflow.log_metric("budget", result.budget)
@@ -388,6 +486,139 @@ def optimise(
         ],
         gc_after_trial=True,
     )
+
+
+# --- the selection score --------------------------------------------------------------------
+
+
+def best_configuration(
+    study: Any, settings: FamilySettings
+) -> tuple[Any, dict[str, Any], int | None]:
+    """The best trial, its hyperparameters (with the space's fixed values) and the epochs or
+    boosting rounds its early stopping chose (None for the classic families)."""
+    best = study.best_trial
+    return best, {**models.fixed(settings.space), **best.params}, best.user_attrs.get(BUDGET_ATTR)
+
+
+def selection_folds(
+    rows: pd.DataFrame, units: Mapping[str, str], folds: int, seed: int
+) -> list[np.ndarray]:
+    """The positions in `rows` each of `folds` folds holds out: stratified by genre, every unit
+    of the split (a track missing from `units` is its own) in exactly one fold, so no song, copy
+    or artist is both fitted and scored."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = rows["track_id"].astype(str).map(lambda track: units.get(track, track))
+    n_units = int(groups.nunique())
+    if n_units < folds:
+        raise ConfigError(
+            f"selection.folds is {folds} but train+valid holds only {n_units} units (songs, or "
+            "the groups the split keeps together): lower selection.folds or set "
+            "selection.source: validation"
+        )
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    split = splitter.split(np.zeros(len(rows)), rows["genre"].astype(str), groups)
+    return [held_out for _, held_out in split]
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """Out-of-fold predictions of one configuration on the train+valid rows."""
+
+    rows: pd.DataFrame  # train then valid rows (TrainingData.train_and_valid_rows)
+    folds: list[np.ndarray]  # positions in `rows` each fold held out
+    probabilities: np.ndarray  # row i from the model of the fold that held it out
+    evaluation: FamilyEvaluation  # the pooled predictions scored once (subset CV_SUBSET)
+
+
+def cross_validate(
+    settings: FamilySettings,
+    data: TrainingData,
+    hyperparameters: dict[str, Any],
+    budget: int | None,
+    choice: SelectionSettings,
+) -> CrossValidation:
+    """`hyperparameters` fitted on all folds but one, in turn, for the `budget` the best trial's
+    early stopping chose (as the train+valid refit: no fold has rows to stop early on); the
+    held-out predictions pooled and scored once, so songs are voted exactly as on the test
+    rows."""
+    rows = data.train_and_valid_rows()
+    features, labels = data.train_and_valid()
+    folds = selection_folds(rows, data.units, choice.folds, choice.seed)
+    probabilities = np.full((len(rows), len(data.classes)), np.nan)
+    for number, held_out in enumerate(folds, start=1):
+        kept = np.setdiff1d(np.arange(len(rows)), held_out)
+        absent = sorted(set(data.classes) - set(rows["genre"].iloc[kept]))
+        if absent:
+            raise ConfigError(
+                f"selection fold {number} of {len(folds)} holds out every train+valid song of "
+                f"{absent}: lower selection.folds or set selection.source: validation"
+            )
+        result = models.fit_family(
+            settings.family,
+            hyperparameters,
+            (features.iloc[kept].reset_index(drop=True), labels[kept]),
+            len(data.classes),
+            settings.seed,
+            budget=budget,
+        )
+        probabilities[held_out] = result.model.predict_proba(
+            features.iloc[held_out].reset_index(drop=True)
+        )
+    evaluation = score_probabilities(
+        probabilities, data.level, data.classes, rows, settings.family, CV_SUBSET
+    )
+    return CrossValidation(rows, folds, probabilities, evaluation)
+
+
+def selection_score(
+    study: Any,
+    settings: FamilySettings,
+    data: TrainingData,
+    choice: SelectionSettings,
+    bootstrap: BootstrapSettings,
+) -> dict[str, Any]:
+    """The score evaluate chooses the winner by (record["selection"]), with its interval over
+    the units of what was scored; the test rows play no part."""
+    best, hyperparameters, budget = best_configuration(study, settings)
+    if choice.source == "validation":
+        evaluation = evaluation_of_trial(best, settings, data)
+        subset, folds = "valid", None
+    else:
+        evaluation = cross_validate(settings, data, hyperparameters, budget, choice).evaluation
+        subset, folds = f"train+valid, {choice.folds} folds", choice.folds
+    interval = evaluation_interval(evaluation, choice.metric, data.units, bootstrap)
+    return {
+        "source": choice.source,
+        "metric": choice.metric,
+        "subset": subset,
+        **interval.to_dict(),
+        "folds": folds,
+    }
+
+
+def selection_metrics(selection: dict[str, Any]) -> dict[str, float | int]:
+    """The selection score as flat metrics: selection_<metric>, _low, _high (and _folds)."""
+    name = f"selection_{selection['metric']}"
+    flat = {
+        name: float(selection["value"]),
+        f"{name}_low": float(selection["low"]),
+        f"{name}_high": float(selection["high"]),
+    }
+    if selection.get("folds"):
+        flat["selection_folds"] = int(selection["folds"])
+    return flat
+
+
+def with_bounds(metrics: dict[str, Any], intervals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`metrics` with <name>_low and <name>_high after each metric that has an interval."""
+    flat: dict[str, Any] = {}
+    for name, value in metrics.items():
+        flat[name] = value
+        if name in intervals:
+            flat[f"{name}_low"] = float(intervals[name]["low"])
+            flat[f"{name}_high"] = float(intervals[name]["high"])
+    return flat
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -503,16 +734,23 @@ def write_reports(
     )
 
 
-def refit_and_log(
-    study: Any, settings: FamilySettings, data: TrainingData, parent_run_id: str, reports: Path
-) -> dict[str, Any]:
-    """Refit the best trial, score it on the test rows, write its reports and log model,
-    metrics and reports to the parent run; returns the model's record (write_outputs)."""
-    import mlflow
+@dataclass(frozen=True)
+class Refit:
+    """The best trial refit and scored on the test rows."""
 
-    best = study.best_trial
-    hyperparameters = {**models.fixed(settings.space), **best.params}
-    budget = best.user_attrs.get(BUDGET_ATTR)
+    trial: Any  # the study's best trial
+    hyperparameters: dict[str, Any]
+    budget: int | None
+    result: models.FitResult
+    test: FamilyEvaluation
+    test_intervals: dict[str, dict[str, Any]]  # score_intervals of `test`
+
+
+def refit_best(
+    study: Any, settings: FamilySettings, data: TrainingData, bootstrap: BootstrapSettings
+) -> Refit:
+    """Refit the best trial (on `settings.refit_on`) and score it on the test rows."""
+    best, hyperparameters, budget = best_configuration(study, settings)
     n_classes = len(data.classes)
     if settings.refit_on == "train_valid":
         result = models.fit_family(
@@ -533,13 +771,26 @@ def refit_and_log(
             valid=data.xy("valid"),
         )
     test = evaluate_subset(result, data, "test", settings.family)
-    history = history_table(study)
-    write_reports(reports, test, history, settings, data)
-    flavor = models.flavor_of(settings.family)
+    intervals = score_intervals(test, data.units, bootstrap)
+    return Refit(best, hyperparameters, budget, result, test, intervals)
+
+
+def log_parent_run(
+    parent_run_id: str,
+    settings: FamilySettings,
+    data: TrainingData,
+    refit: Refit,
+    selection: dict[str, Any],
+    history: pd.DataFrame,
+    reports: Path,
+) -> tuple[str, str]:
+    """Log the model, its metrics (with intervals), the selection score and the reports to the
+    parent run; returns the model's URI and the experiment id."""
+    import mlflow
 
     with mlflow.start_run(run_id=parent_run_id) as run:
         # Params are fixed for a run's life; the parent is reused when more trials are added,
-        # so what more trials can change (the best trial, its settings) goes into tags.
+        # so what more trials (or the selection settings) can change goes into tags.
         mlflow.log_params(
             {
                 "family": settings.family,
@@ -553,30 +804,50 @@ def refit_and_log(
         )
         mlflow.set_tags(
             {
-                **{f"best.{name}": str(value) for name, value in hyperparameters.items()},
-                "best_trial": str(best.number),
-                "budget": str(budget),
+                **{f"best.{name}": str(value) for name, value in refit.hyperparameters.items()},
+                "best_trial": str(refit.trial.number),
+                "budget": str(refit.budget),
                 "n_trials": str(settings.n_trials),
+                "selection.source": selection["source"],
+                "selection.metric": selection["metric"],
             }
         )
         mlflow.log_metrics(
             {
-                f"best_{settings.objective_key}": float(best.value),
-                **test.metrics,
+                f"best_{settings.objective_key}": float(refit.trial.value),
+                **with_bounds(refit.test.metrics, refit.test_intervals),
+                **selection_metrics(selection),
                 "trials_pruned": float((history["state"] == "PRUNED").sum()),
             }
         )
-        info = models.log_classifier(result.model, flavor, data.xy("train")[0].head(EXAMPLE_ROWS))
+        flavor = models.flavor_of(settings.family)
+        example = data.xy("train")[0].head(EXAMPLE_ROWS)
+        info = models.log_classifier(refit.result.model, flavor, example)
         mlflow.log_artifacts(str(reports))
+    return info.model_uri, run.info.experiment_id
 
+
+def training_record(
+    study: Any,
+    settings: FamilySettings,
+    data: TrainingData,
+    refit: Refit,
+    selection: dict[str, Any],
+    n_trials: int,
+    run_ids: tuple[str, str, str],
+) -> dict[str, Any]:
+    """The record evaluate and promote read; `run_ids` are the parent run, model URI and
+    experiment id."""
+    parent_run_id, model_uri, experiment_id = run_ids
+    best = refit.trial
     return {
         "model": feature_sets.model_key(settings.family, data.feature_set),
         "family": settings.family,
         "feature_set": data.feature_set,
-        "flavor": flavor,
+        "flavor": models.flavor_of(settings.family),
         "run_id": parent_run_id,
-        "model_uri": info.model_uri,
-        "experiment_id": run.info.experiment_id,
+        "model_uri": model_uri,
+        "experiment_id": experiment_id,
         "level": data.level,
         "split": {
             "strategy": data.summary.get("strategy"),
@@ -590,16 +861,46 @@ def refit_and_log(
         "study": study.study_name,
         "best_trial": best.number,
         "best_params": best.params,
-        "budget": budget,
-        "n_trials": len(history),
-        "val_metrics": {settings.objective_key: float(best.value)},
-        "test_metrics": test.metrics,
+        "budget": refit.budget,
+        "n_trials": n_trials,
+        "val_metrics": dict(stored_attr(best, VALID_METRICS_ATTR, settings.family)),
+        "selection": selection,
+        "test_metrics": refit.test.metrics,
+        "test_intervals": refit.test_intervals,
     }
 
 
+def refit_and_log(
+    study: Any,
+    settings: FamilySettings,
+    data: TrainingData,
+    parent_run_id: str,
+    reports: Path,
+    bootstrap: BootstrapSettings,
+    selection: dict[str, Any],
+) -> dict[str, Any]:
+    """Refit the best trial and score it on the test rows, write its reports, log all to the
+    parent run; returns the model's record (write_outputs) with `selection` (selection_score)."""
+    refit = refit_best(study, settings, data, bootstrap)
+    history = history_table(study)
+    write_reports(reports, refit.test, history, settings, data)
+    model_uri, experiment_id = log_parent_run(
+        parent_run_id, settings, data, refit, selection, history, reports
+    )
+    return training_record(
+        study,
+        settings,
+        data,
+        refit,
+        selection,
+        len(history),
+        (parent_run_id, model_uri, experiment_id),
+    )
+
+
 def write_outputs(record: dict[str, Any], paths: OutputPaths) -> None:
-    """The record evaluate reads and the DVC metrics file (split label first: every number
-    names its split)."""
+    """The record evaluate reads and the stage's metrics file (split label first: every number
+    names its split; each test metric followed by its interval's _low and _high)."""
     for path in (paths.record, paths.metrics):
         path.parent.mkdir(parents=True, exist_ok=True)
     paths.record.write_text(json.dumps(record, indent=2) + "\n")
@@ -611,7 +912,9 @@ def write_outputs(record: dict[str, Any], paths: OutputPaths) -> None:
         "level": record["level"],
         "trials": record["n_trials"],
         **record["val_metrics"],
-        **record["test_metrics"],
+        "selection_source": record["selection"]["source"],
+        **selection_metrics(record["selection"]),
+        **with_bounds(record["test_metrics"], record["test_intervals"]),
     }
     paths.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -673,7 +976,12 @@ def run(
         settings = dataclasses.replace(settings, n_trials=int(n_trials))
     if workers:
         settings = dataclasses.replace(settings, workers=int(workers))
+    choice = SelectionSettings.from_params(params)
+    bootstrap = BootstrapSettings.from_params(params)
     data = load_training_data(params, root, feature_set)
+    if choice.source == "cross_validation" and not join:
+        # Too few units for the folds fails now, not after the study.
+        selection_folds(data.train_and_valid_rows(), data.units, choice.folds, choice.seed)
     tracking.use_store(root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tags = {
@@ -724,7 +1032,8 @@ def run(
     if not any(trial.state.name == "COMPLETE" for trial in study.get_trials(deepcopy=False)):
         raise EvaluationError(f"{family}: no trial of study {name} completed")
     paths = OutputPaths.from_params(params, root, feature_sets.model_key(family, feature_set))
-    record = refit_and_log(study, settings, data, parent, paths.reports)
+    selection = selection_score(study, settings, data, choice, bootstrap)
+    record = refit_and_log(study, settings, data, parent, paths.reports, bootstrap, selection)
     write_outputs(record, paths)
     return record
 
@@ -752,13 +1061,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def shown(interval: dict[str, Any]) -> str:
+    """`value [low, high]` of an Interval stored as a dict."""
+    return Interval(**{item.name: interval[item.name] for item in fields(Interval)}).describe()
+
+
 def describe(record: dict[str, Any]) -> str:
-    metrics = record["test_metrics"]
+    selection = record["selection"]
     return (
         f"{record['family']} on {record['feature_set']} features, {record['split']['label']} "
         f"split ({record['level']} level): "
-        f"test accuracy {metrics['test_accuracy']:.4f}, "
-        f"song accuracy {metrics['test_song_accuracy']:.4f}, model {record['model_uri']}"
+        f"selection {selection['metric']} {shown(selection)} ({selection['subset']}), "
+        f"test song accuracy {shown(record['test_intervals']['test_song_accuracy'])}, "
+        f"model {record['model_uri']}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The evaluate stage on a tiny synthetic setup: scores, song-level votes, winner, DVC files."""
+"""The evaluate stage on a tiny synthetic setup: scores with intervals, song-level votes, the
+winner chosen by selection scores (never by the test set), DVC files."""
 
 from __future__ import annotations
 
@@ -18,41 +19,50 @@ from mlflow_helpers import (
     training_record,
 )
 
-from gtzan_mlops.config import ConfigError
-from gtzan_mlops.evaluate import choose_winner, evaluate_records, selection_metric
+from gtzan_mlops.evaluate import (
+    SelectionRule,
+    choose_winner,
+    evaluate_records,
+    key_metrics,
+)
 from gtzan_mlops.features import FEATURE_NAMES
 from gtzan_mlops.records import load_family_record
 from gtzan_mlops.scoring import EvaluationError, score_classifier, song_probabilities
 from gtzan_mlops.split_data import split_label
+from gtzan_mlops.uncertainty import BootstrapSettings
+
+RULE = SelectionRule("validation", "song_macro_f1")
+BOOTSTRAP = BootstrapSettings(level=0.95, n_resamples=500, seed=0)
+
+
+def _evaluate(records, data, candidates, output_dir, rule=RULE):
+    return evaluate_records(records, data, candidates, rule, BOOTSTRAP, GENRES, output_dir)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Three families logged in a throwaway store: a good segment-level candidate, a worse
-    clip-level candidate, and a non-candidate 'classic' model that is better than both."""
+    clip-level candidate, and a non-candidate 'classic' model that is better than both. Their
+    selection scores (what their studies recorded on validation data) are made up: the worse
+    test candidate has the better selection score, so a winner chosen on the test set shows."""
     data, train = synthetic_test_data()
     with sqlite_store(tmp_path_factory.mktemp("evaluate-store")):
         models = {
-            "fnn": (fit_confusing(train["segment"], 2), "segment"),
-            "xgboost": (fit_confusing(train["clip"], 5), "clip"),
-            "svm": (fit_confusing(train["segment"], 0), "segment"),
+            "fnn": (fit_confusing(train["segment"], 2), "segment", 0.70),
+            "xgboost": (fit_confusing(train["clip"], 5), "clip", 0.75),
+            "svm": (fit_confusing(train["segment"], 0), "segment", 0.99),
         }
         records = {
-            family: training_record(family, log_sklearn(model, family), level, data)
-            for family, (model, level) in models.items()
+            family: training_record(family, log_sklearn(model, family), level, data, selection)
+            for family, (model, level, selection) in models.items()
         }
-        yield data, records, {family: model for family, (model, _) in models.items()}
+        yield data, records, {family: model for family, (model, _, _) in models.items()}
 
 
-def test_scores_every_family_and_only_a_candidate_wins(setup, tmp_path):
+def test_scores_every_model_and_the_selection_score_chooses(setup, tmp_path):
     data, records, _ = setup
-    summary = evaluate_records(
-        {**records, "fnn_simple": None},
-        data,
-        candidates=["fnn", "fnn_simple", "xgboost"],
-        metric="test_song_macro_f1",
-        classes=GENRES,
-        output_dir=tmp_path,
+    summary = _evaluate(
+        {**records, "fnn_simple": None}, data, ["fnn", "fnn_simple", "xgboost"], tmp_path
     )
     written = json.loads((tmp_path / "evaluation.json").read_text())
     assert written == summary
@@ -65,11 +75,23 @@ def test_scores_every_family_and_only_a_candidate_wins(setup, tmp_path):
         assert scores["candidate"] is (name != "svm")
         for key in ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1"):
             assert 0.0 <= scores[f"test_{key}"] <= 1.0
-    # The classic model is the best, but not a candidate: fnn (8 of 10 genres right) wins.
+    # The classic model is the best, but not a candidate. fnn does better on the test set than
+    # xgboost, but xgboost has the better selection score: the test set chooses nothing.
     assert families["svm"]["test_song_macro_f1"] > families["fnn"]["test_song_macro_f1"]
     assert families["fnn"]["test_song_macro_f1"] > families["xgboost"]["test_song_macro_f1"]
-    assert summary["winner"] == "fnn"
-    assert summary["winner_test_song_macro_f1"] == families["fnn"]["test_song_macro_f1"]
+    assert summary["winner"] == "xgboost"
+    assert summary["selection"] == "validation song_macro_f1"
+    assert summary["winner_selection"]["value"] == pytest.approx(0.75)
+    reported = summary["winner_test"]["test_song_macro_f1"]
+    assert reported["value"] == families["xgboost"]["test_song_macro_f1"]
+    # Every test score carries its interval, around the score, over the 20 test songs.
+    for scores in families.values():
+        for name, interval in scores["test_intervals"].items():
+            assert interval["low"] <= scores[name] <= interval["high"], name
+            assert interval["level"] == 0.95
+        assert scores["test_intervals"]["test_song_accuracy"]["n_units"] == scores["test_songs"]
+    fnn = families["fnn"]["test_intervals"]["test_song_accuracy"]
+    assert 0 < fnn["high"] - fnn["low"] < 0.6  # 20 songs at 0.8: about +-0.18
     assert families["fnn"]["test_song_accuracy"] == pytest.approx(0.8)
     assert families["xgboost"]["test_accuracy"] == pytest.approx(0.5)
 
@@ -83,11 +105,22 @@ def test_scores_every_family_and_only_a_candidate_wins(setup, tmp_path):
     confusion = pd.read_csv(tmp_path / "confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"]
     assert len(confusion) == songs
-    assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(0.8)
+    # The winner's (xgboost: 5 of 10 genres right).
+    assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(0.5)
     table = pd.read_csv(tmp_path / "models.csv").set_index("model")
     assert set(table.index) == {"fnn", "xgboost", "svm"}
     assert (table["feature_set"] == "handcrafted").all()
     assert table.loc["fnn", "test_song_accuracy"] == pytest.approx(0.8)
+    assert table.loc["fnn", "test_song_accuracy_low"] == pytest.approx(fnn["low"])
+    assert table["winner"].tolist() == [name == "xgboost" for name in table.index]
+    assert table.loc["xgboost", "selection_value"] == pytest.approx(0.75)
+    assert (table["selection"] == "validation song_macro_f1").all()
+    report = (tmp_path / "models.md").read_text()
+    assert "chosen by **validation song_macro_f1** (never a test score)" in report
+    assert "| **xgboost** (winner) | yes | 0.750 [0.650, 0.850] |" in report
+    metrics = key_metrics(summary)
+    assert metrics["winner"] == "xgboost" and metrics["selection"] == "validation song_macro_f1"
+    assert set(metrics["winner_test_song_accuracy"]) == {"value", "low", "high"}
     per_class = pd.read_csv(tmp_path / "per_class_f1.csv")
     assert list(per_class["genre"]) == GENRES
     assert per_class.set_index("genre").loc["rock", "f1"] == pytest.approx(1.0)
@@ -110,7 +143,7 @@ def test_a_leaky_split_says_so_in_every_score(setup, tmp_path):
     _, records, _ = setup
     leaky, _ = synthetic_test_data(leaky=True)
     record = {**records["fnn"], "split": {"strategy": "random", "label": "random", "leaky": True}}
-    summary = evaluate_records({"fnn": record}, leaky, ["fnn"], "test_accuracy", GENRES, tmp_path)
+    summary = _evaluate({"fnn": record}, leaky, ["fnn"], tmp_path)
     assert summary["leaky"] is True
     assert summary["split"] == "random-leaky"
     assert summary["families"]["fnn"]["split"] == "random-leaky"
@@ -120,12 +153,10 @@ def test_records_of_other_data_are_skipped_with_the_reason(setup, tmp_path):
     data, records, _ = setup
     other_split = {**records["xgboost"], "split_sha256": "an-older-split"}
     other_features = {**records["fnn"], "features_sha256": "older-features"}
-    summary = evaluate_records(
+    summary = _evaluate(
         {"fnn": other_features, "xgboost": other_split, "svm": records["svm"]},
         data,
         ["fnn", "xgboost", "svm"],
-        "test_accuracy",
-        GENRES,
         tmp_path,
     )
     assert summary["skipped"] == {
@@ -138,8 +169,18 @@ def test_records_of_other_data_are_skipped_with_the_reason(setup, tmp_path):
 
 def test_no_candidate_left_is_an_error(setup, tmp_path):
     data, records, _ = setup
-    with pytest.raises(EvaluationError, match="none of the candidate families"):
-        evaluate_records({"svm": records["svm"]}, data, ["fnn"], "test_accuracy", GENRES, tmp_path)
+    with pytest.raises(EvaluationError, match="none of the candidate models"):
+        _evaluate({"svm": records["svm"]}, data, ["fnn"], tmp_path)
+
+
+def test_a_selection_score_of_another_rule_or_none_is_refused(setup, tmp_path):
+    data, records, _ = setup
+    other = SelectionRule("cross_validation", "song_macro_f1")
+    with pytest.raises(EvaluationError, match="params ask for cross_validation song_macro_f1"):
+        _evaluate({"fnn": records["fnn"]}, data, ["fnn"], tmp_path, rule=other)
+    older = {key: value for key, value in records["fnn"].items() if key != "selection"}
+    with pytest.raises(EvaluationError, match="no selection score"):
+        _evaluate({"fnn": older}, data, ["fnn"], tmp_path)
 
 
 def test_song_probabilities_are_means_per_sorted_track():
@@ -151,20 +192,20 @@ def test_song_probabilities_are_means_per_sorted_track():
 
 
 def test_winner_ties_go_to_the_earlier_candidate():
-    scores = {"a": {"m": 0.5}, "b": {"m": 0.7}, "c": {"m": 0.7}, "d": {"m": 0.9}}
-    assert choose_winner(scores, ["c", "b", "a"], "m") == "c"
-    assert choose_winner(scores, ["b", "c"], "m") == "b"
-    with pytest.raises(EvaluationError, match="selection metric"):
-        choose_winner({"a": {}}, ["a"], "m")
+    scores = {
+        name: {"selection": {"value": value}, "test_song_macro_f1": 1.0 - value}
+        for name, value in {"a": 0.5, "b": 0.7, "c": 0.7, "d": 0.9}.items()
+    }
+    assert choose_winner(scores, ["c", "b", "a"]) == "c"
+    assert choose_winner(scores, ["b", "c"]) == "b"
+    with pytest.raises(EvaluationError, match="no selection score"):
+        choose_winner({"a": {}}, ["a"])
 
 
 def test_split_label_and_settings_validation(tmp_path):
     assert split_label({"label": "artist-filtered", "leaky": False}) == "artist-filtered"
     assert split_label({"label": "random segments", "leaky": True}) == "random segments-leaky"
     assert split_label({"label": "leaky-random", "leaky": True}) == "leaky-random"
-    assert selection_metric({"metric": "test_macro_f1"}) == "test_macro_f1"
-    with pytest.raises(ConfigError, match=r"evaluate\.metric"):
-        selection_metric({"metric": "valid_accuracy"})
     path = tmp_path / "fnn.json"
     path.write_text(json.dumps({"family": "fnn", "level": "song"}))
     with pytest.raises(EvaluationError, match="missing flavor"):

@@ -10,7 +10,16 @@ import pytest
 import yaml
 from project_params import PARAMS_FILE
 
-from gtzan_mlops import cli, feature_sets, models, params_schema, scoring, split_strategies
+from gtzan_mlops import (
+    cli,
+    feature_sets,
+    models,
+    params_schema,
+    scoring,
+    served_evaluation,
+    split_strategies,
+    train,
+)
 from gtzan_mlops.config import ConfigError, read_params, validate_params
 
 RAW = read_params(PARAMS_FILE)
@@ -117,9 +126,10 @@ def test_the_schemas_choices_are_the_codes():
     assert typing.get_args(params_schema.Family) == models.FAMILIES
     assert typing.get_args(params_schema.FeatureSet) == feature_sets.FEATURE_SETS
     assert typing.get_args(params_schema.Metric) == scoring.METRICS
-    assert typing.get_args(params_schema.TestMetric) == tuple(
-        f"{scoring.TEST_SUBSET}_{metric}" for metric in scoring.METRICS
-    )
+    promoted_by = params_schema.Promote.model_fields["metric"].annotation
+    assert typing.get_args(promoted_by) == tuple(served_evaluation.SONG_METRICS)
+    sources = params_schema.Selection.model_fields["source"].annotation
+    assert typing.get_args(sources) == train.SELECTION_SOURCES
     strategy = params_schema.Split.model_fields["strategy"].annotation
     assert set(typing.get_args(strategy)) == set(split_strategies.STRATEGIES)
     families = set(models.FAMILIES)

@@ -1,9 +1,25 @@
-"""The promotion decision (a pure function) and the registry flow end to end on a sqlite store."""
+"""The promotion rule (pure functions) and the registry flow end to end on a sqlite store.
+
+The flow plays real audio files (tones made up here, one pitch per genre: SYNTHETIC clips) to
+served models through the same code as the stage: base64 requests in batches, the behavioural
+transforms with lame. The served models are stand-ins that hear the pitch, so their quality is
+set exactly: `confused` genres answered as another genre, or a model that calls every quiet
+clip classical.
+"""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
+import soundfile
 from mlflow import MlflowClient
 from mlflow_helpers import (
     GENRES,
@@ -15,190 +31,292 @@ from mlflow_helpers import (
     training_record,
 )
 
-from gtzan_mlops.config import ConfigError, load_params
-from gtzan_mlops.evaluate import evaluate_records
+from gtzan_mlops.champion import TRAINING_CLIPS_FILE
+from gtzan_mlops.config import load_params
+from gtzan_mlops.evaluate import SelectionRule, evaluate_records
 from gtzan_mlops.features import REFERENCE_SETTINGS
 from gtzan_mlops.promote import (
-    DIFFERENT_DATA,
-    ChampionEvidence,
-    DataVersion,
     PromotionSettings,
-    decide_promotion,
+    RunContext,
+    key_metrics,
     promote_winner,
 )
+from gtzan_mlops.promotion import BehaviourResult, Comparison, decide_promotion
+from gtzan_mlops.scoring import EvaluationError
+from gtzan_mlops.served_evaluation import Clip, SplitClips, clips_digest
+from gtzan_mlops.uncertainty import BootstrapSettings, Interval
 
-NOW = DataVersion(split_sha256="s" * 64, features_sha256="f" * 64)
+MODEL_NAME = "gtzan-test-classifier"
+RATE = 22050
+PASSED = BehaviourResult(0.9, {"gain_-20db": 1.0, "mp3_128kbps": 0.95})
 
 
-def _champion(value: float | None, data: DataVersion = NOW) -> ChampionEvidence:
-    return ChampionEvidence(version="3", data=data, value=value)
+def _interval(value: float, low: float, high: float) -> Interval:
+    return Interval(value, low, high, 0.95, 20, 1000)
 
 
-def test_first_model_is_promoted():
-    decision = decide_promotion(0.40, None, NOW, min_improvement=0.0, on_data_change="keep")
-    assert decision.promote
-    assert "no champion" in decision.reason
+def _comparison(difference: float, low: float, high: float) -> Comparison:
+    return Comparison(
+        "song_macro_f1",
+        "3",
+        _interval(0.7 + difference, 0.5, 0.9),
+        _interval(0.7, 0.5, 0.9),
+        _interval(difference, low, high),
+    )
+
+
+# --- the rule ---------------------------------------------------------------------------------
+
+
+def test_first_model_is_promoted_if_it_passes_the_gate():
+    decision = decide_promotion(PASSED, None, 0.0, False)
+    assert decision.promote and decision.rule == "first" and "no champion" in decision.reason
+    failing = BehaviourResult(0.9, {"gain_-20db": 0.5, "mp3_128kbps": 1.0}, {"gain_-20db": "-20"})
+    decision = decide_promotion(failing, None, 0.0, False)
+    assert not decision.promote and decision.rule == "behaviour"
+    assert "-20 0.50" in decision.reason and "mp3" not in decision.reason
 
 
 @pytest.mark.parametrize(
-    ("challenger", "champion", "min_improvement", "promoted"),
+    ("difference", "low", "min_improvement", "significant", "promoted"),
     [
-        (0.70, 0.60, 0.0, True),  # better
-        (0.60, 0.70, 0.0, False),  # worse
-        (0.60, 0.60, 0.0, False),  # equal is not better
-        (0.605, 0.60, 0.01, False),  # better, but by less than min_improvement
-        (0.62, 0.60, 0.01, True),  # better by more than min_improvement
-        (
-            0.85,
-            0.80,
-            0.05,
-            True,
-        ),  # better by exactly min_improvement (0.85 - 0.80 < 0.05 in floats)
-        (0.1 + 0.2, 0.3, 0.0, False),  # equal up to rounding is not better
+        (0.10, 0.02, 0.0, False, True),  # better
+        (-0.10, -0.2, 0.0, False, False),  # worse
+        (0.0, -0.1, 0.0, False, False),  # equal is not better
+        (0.005, -0.1, 0.01, False, False),  # better, but by less than min_improvement
+        (0.05, -0.01, 0.05, False, True),  # by exactly min_improvement (floats)
+        (0.05, -0.01, 0.0, True, False),  # better, but the interval reaches below 0
+        (0.05, 0.01, 0.0, True, True),  # better and the interval lies above 0
     ],
 )
-def test_same_data_compares_recomputed_scores(challenger, champion, min_improvement, promoted):
-    decision = decide_promotion(challenger, _champion(champion), NOW, min_improvement, "keep")
+def test_the_paired_difference_decides(difference, low, min_improvement, significant, promoted):
+    decision = decide_promotion(
+        PASSED, _comparison(difference, low, 0.3), min_improvement, significant
+    )
     assert decision.promote is promoted
-    assert decision.improvement == pytest.approx(challenger - champion)
-    assert "version 3" in decision.reason
+    assert decision.rule == "improvement"
+    assert "version 3" in decision.reason and "same test clips" in decision.reason
+    if significant and not promoted:
+        assert "require_significant" in decision.reason
 
 
-@pytest.mark.parametrize(
-    ("then", "changed"),
-    [
-        (DataVersion("x" * 64, NOW.features_sha256), "split"),
-        (DataVersion(NOW.split_sha256, "y" * 64), "features"),
-    ],
-)
-def test_champion_on_other_data_is_not_compared(then, changed):
-    # A far better score on other data must not promote: the numbers are not comparable.
-    kept = decide_promotion(0.99, _champion(None, then), NOW, 0.0, on_data_change="keep")
-    assert not kept.promote
-    assert kept.reason.startswith(DIFFERENT_DATA)
-    assert f"{changed} changed" in kept.reason
-    assert kept.improvement is None
-
-    # Nor does a worse score keep it when the operator asked for replacement on data change.
-    replaced = decide_promotion(0.01, _champion(None, then), NOW, 0.0, on_data_change="replace")
-    assert replaced.promote
-    assert replaced.reason.startswith(DIFFERENT_DATA)
+def test_a_leaked_or_worse_serving_of_the_same_classifier_is_not_promoted():
+    leaked = decide_promotion(PASSED, _comparison(0.3, 0.2, 0.4), 0.0, False, leaked=["a", "b"])
+    assert not leaked.promote and leaked.rule == "leakage"
+    assert "trained on 2 of the current test clips (a, b)" in leaked.reason
+    same = decide_promotion(PASSED, _comparison(0.0, 0.0, 0.0), 0.0, False, same_classifier=True)
+    assert same.promote and same.rule == "same_classifier"
+    worse = decide_promotion(PASSED, _comparison(-0.1, -0.2, 0.0), 0.0, False, same_classifier=True)
+    assert not worse.promote
+    with pytest.raises(ValueError, match="min_improvement"):
+        decide_promotion(PASSED, None, -0.1, False)
 
 
-def test_invalid_settings_are_rejected():
-    with pytest.raises(ConfigError, match="on_data_change"):
-        decide_promotion(0.5, None, NOW, 0.0, on_data_change="maybe")
-    with pytest.raises(ConfigError, match="min_improvement"):
-        decide_promotion(0.5, None, NOW, -0.1, "keep")
-    with pytest.raises(ValueError, match="recomputed"):
-        decide_promotion(0.5, _champion(None), NOW, 0.0, "keep")
+# --- the registry flow, with audio --------------------------------------------------------------
 
 
-# --- the registry flow, end to end on a sqlite store -------------------------------------------
+def _pitch(genre_index: int) -> float:
+    return 300.0 + 150.0 * genre_index
+
+
+def _tone(path: Path, genre_index: int, seconds: float = 4.0) -> None:
+    time = np.arange(int(seconds * RATE)) / RATE
+    samples = 0.5 * np.sin(2 * np.pi * _pitch(genre_index) * time)
+    soundfile.write(path, samples.astype(np.float32), RATE, subtype="PCM_16")
+
+
+class PitchModel:
+    """A served model stand-in: decodes each base64 file and names the genre of its pitch; the
+    first `confused` genres are answered as the next one of them (accuracy 1 - confused/10);
+    `quiet_is_classical` answers classical for any clip below -25 dBFS RMS (the -9 dBFS tones
+    turned down 20 dB)."""
+
+    def __init__(self, confused: int = 0, quiet_is_classical: bool = False, max_rows: int = 8):
+        self.confused, self.quiet = confused, quiet_is_classical
+        spec = SimpleNamespace(classes=tuple(GENRES))
+        self._python_model = SimpleNamespace(spec=spec, limits=SimpleNamespace(max_rows=max_rows))
+
+    def unwrap_python_model(self):
+        return self._python_model
+
+    def _genre(self, encoded: str) -> str:
+        samples, rate = soundfile.read(io.BytesIO(base64.b64decode(encoded)), always_2d=True)
+        mono = samples.mean(axis=1)
+        if self.quiet and np.sqrt(np.mean(mono**2)) < 10 ** (-25 / 20):
+            return "classical"
+        spectrum = np.abs(np.fft.rfft(mono))
+        pitch = np.fft.rfftfreq(len(mono), 1 / rate)[spectrum.argmax()]
+        index = round(float(pitch - 300.0) / 150.0)
+        if index < self.confused:
+            index = (index + 1) % self.confused
+        return GENRES[index]
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"genre": [self._genre(text) for text in frame["audio_base64"]]})
+
+
+@pytest.fixture(scope="module")
+def audio_clips(tmp_path_factory) -> SplitClips:
+    """Two test clips per genre (tones) and the hashes of 30 made-up training clips."""
+    folder = tmp_path_factory.mktemp("synthetic-test-clips")
+    test = []
+    for index, genre in enumerate(GENRES):
+        for number in range(2):
+            path = folder / f"{genre}.{number:05d}.wav"
+            _tone(path, index, seconds=4.0 + number)
+            test.append(Clip(path.stem, genre, path, path.stem, f"test-{genre}-{number}"))
+    training = pd.DataFrame(
+        {
+            "track_id": [f"train.{n:05d}" for n in range(30)],
+            "genre": [GENRES[n % 10] for n in range(30)],
+            "samples_sha256": [f"train-{n}" for n in range(30)],
+        }
+    )
+    return SplitClips(test=tuple(test), training=training)
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """A throwaway store with four models of known test accuracy (1 - confused genres / 10)."""
+    """A throwaway store with the native classifiers the serving models wrap (their answers
+    come from the PitchModel stand-ins: `served` maps family -> stand-in)."""
     data, train = synthetic_test_data()
     with sqlite_store(tmp_path_factory.mktemp("promote-store")):
         uris = {
-            name: log_sklearn(fit_confusing(train["segment"], confused), name)
-            for name, confused in (("medium", 4), ("worse", 6), ("better", 2), ("best", 0))
+            name: log_sklearn(fit_confusing(train["segment"], 0), name)
+            for name in ("medium", "worse", "better", "best", "deaf")
         }
-        yield data, uris
+        served = {
+            "medium": PitchModel(confused=4),
+            "worse": PitchModel(confused=6),
+            "better": PitchModel(confused=2),
+            "best": PitchModel(confused=0),
+            "deaf": PitchModel(quiet_is_classical=True),
+        }
+        yield data, uris, served
 
 
-def _evaluate(family: str, uri: str, data, folder) -> tuple[dict, dict]:
-    """The evaluate stage's summary with `family` as the only candidate, and its record."""
-    record = training_record(family, uri, "segment", data)
-    folder.mkdir(exist_ok=True)
-    summary = evaluate_records(
-        {family: record}, data, [family], "test_song_accuracy", GENRES, folder
+def _settings(**overrides) -> PromotionSettings:
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    settings = PromotionSettings.from_params(params)
+    chosen = {
+        "model_name": MODEL_NAME,
+        "experiment_name": "serving",
+        "limits": serving_limits(),
+        "bootstrap": BootstrapSettings(0.95, 500, 0),
+        **overrides,
+    }
+    return dataclasses.replace(settings, **chosen)
+
+
+def _promote(family, registry, folder, clips, loader=None, **settings) -> dict:
+    data, uris, served = registry
+    record = training_record(family, uris[family], "segment", data, selection_value=0.8)
+    (folder / family).mkdir(exist_ok=True)
+    evaluation = evaluate_records(
+        {family: record},
+        data,
+        [family],
+        SelectionRule("validation", "song_macro_f1"),
+        BootstrapSettings(0.95, 200, 0),
+        GENRES,
+        folder / family,
     )
-    return summary, record
+    client = MlflowClient()
 
+    def load(uri: str):
+        if uri.startswith(f"models:/{MODEL_NAME}/"):  # a registered version: the champion
+            version = uri.rsplit("/", 1)[1]
+            return served[client.get_model_version(MODEL_NAME, version).tags["family"]]
+        return served[family]  # the challenger, just logged
 
-def _promote(family, registry, folder, data=None, **settings) -> dict:
-    test_data, uris = registry
-    data = data or test_data
-    evaluation, record = _evaluate(family, uris[family], data, folder / family)
     return promote_winner(
         evaluation,
         record,
         data,
+        clips,
         REFERENCE_SETTINGS,
-        PromotionSettings(
-            model_name=MODEL_NAME,
-            experiment_name="serving",
-            **{
-                "min_improvement": 0.0,
-                "on_data_change": "keep",
-                "limits": serving_limits(),
-                **settings,
-            },
-        ),
-        git_commit="0123abc",
+        _settings(**settings),
+        RunContext("demo (synthetic clips generated by the project)", "0123abc"),
+        load_model=loader or load,
     )
-
-
-MODEL_NAME = "gtzan-test-classifier"
 
 
 def _champion_version(client) -> str:
     return str(client.get_model_version_by_alias(MODEL_NAME, "champion").version)
 
 
-def test_registry_flow_promotes_only_what_beats_the_champion(registry, tmp_path, monkeypatch):
+def test_registry_flow_promotes_only_what_beats_the_champion(
+    registry, audio_clips, tmp_path, monkeypatch
+):
     def no_stages(*args, **kwargs):
         raise AssertionError("registry stages are deprecated: use aliases")
 
     monkeypatch.setattr(MlflowClient, "transition_model_version_stage", no_stages)
     client = MlflowClient()
 
-    first = _promote("medium", registry, tmp_path)
-    assert first["promoted"] and first["version"] == 1
-    assert "no champion" in first["reason"]
-    assert first["challenger_value"] == pytest.approx(0.6)
+    first = _promote("medium", registry, tmp_path, audio_clips)
+    assert first["promoted"] and first["version"] == 1 and first["rule"] == "first"
+    assert first["served"]["test_song_accuracy"]["value"] == pytest.approx(0.6)
+    assert first["behaviour"]["passed"]
+    assert set(first["behaviour"]["unchanged"]) == {
+        "gain_-6db",
+        "gain_-12db",
+        "gain_-20db",
+        "shift_2s",
+        "resample_44100hz_2ch",
+        "mp3_128kbps",
+    }
+    assert all(fraction == 1.0 for fraction in first["behaviour"]["unchanged"].values())
     assert _champion_version(client) == "1"
-    tags = client.get_model_version(MODEL_NAME, "1").tags
-    assert tags["split"] == "synthetic-by-track" and tags["leaky"] == "false"
-    assert tags["split_sha256"] == "split-v1"
-    assert tags["features_sha256"] == "features-v1-segment"
-    assert tags["git_commit"] == "0123abc"
-    assert tags["metric_name"] == "test_song_accuracy"
-    assert float(tags["metric_value"]) == pytest.approx(0.6)
-    assert tags["promotion"] == "promoted"
+    version = client.get_model_version(MODEL_NAME, "1")
+    tags = version.tags
+    assert tags["data_source"].startswith("demo (synthetic")
+    assert tags["training_clips"] == "30"
+    assert tags["training_clips_sha256"] == clips_digest(audio_clips.training["samples_sha256"])
+    assert tags["selection"] == "validation song_macro_f1 (valid)"
+    assert tags["selection_value"].startswith("0.8000 [0.7000, 0.9000]")
+    assert tags["metric_name"] == "test_song_macro_f1"
+    low, value, high = (float(tags[f"metric_{key}"]) for key in ("low", "value", "high"))
+    assert low <= value <= high and high - low > 0.05
+    assert tags["test_song_accuracy"].startswith("0.6000 [")
+    assert tags["behaviour.gain_-20db"] == "1.0000"
+    assert tags["split"] == "synthetic-by-track" and tags["git_commit"] == "0123abc"
+    assert tags["promotion"] == "promoted" and tags["promotion_rule"] == "first"
+    # The training clips themselves travel with the version, for later leakage checks.
+    listed = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path=TRAINING_CLIPS_FILE, dst_path=str(tmp_path)
+    )
+    assert pd.read_csv(listed)["samples_sha256"].tolist()[:2] == ["train-0", "train-1"]
 
-    worse = _promote("worse", registry, tmp_path)
+    worse = _promote("worse", registry, tmp_path, audio_clips)
     assert not worse["promoted"] and worse["version"] == 2
-    assert worse["previous_champion_value"] == pytest.approx(0.6)  # recomputed, on the test set
+    comparison = worse["comparison"]
+    assert comparison["champion"]["value"] < first["served"]["test_song_macro_f1"]["value"] + 1e-9
+    assert comparison["difference"]["value"] < 0
+    assert comparison["difference"]["low"] <= comparison["difference"]["value"]
     assert _champion_version(client) == "1"
     kept = client.get_model_version(MODEL_NAME, "2")
-    assert kept.tags["promotion"] == "not promoted"
-    assert "champion kept" in kept.tags["promotion_reason"]
-    assert kept.description == worse["reason"]
+    assert kept.tags["promotion"] == "not promoted" and "champion kept" in kept.description
+    assert key_metrics(worse)["difference_vs_champion"]["value"] < 0
 
-    again = _promote("medium", registry, tmp_path)  # a rerun with the same winner
+    again = _promote("medium", registry, tmp_path, audio_clips)  # a rerun with the same winner
     assert not again["promoted"] and "already the champion" in again["reason"]
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 2
 
-    # The champion's stored score is not trusted: claim a perfect one; the challenger (0.8)
-    # still wins against the recomputed 0.6.
-    client.set_model_version_tag(MODEL_NAME, "1", "metric_value", "1.0")
-    better = _promote("better", registry, tmp_path)
+    better = _promote("better", registry, tmp_path, audio_clips)
     assert better["promoted"] and better["version"] == 3
-    assert better["improvement"] == pytest.approx(0.2)
+    assert better["comparison"]["difference"]["value"] == pytest.approx(
+        better["served"]["test_song_macro_f1"]["value"] - comparison["champion"]["value"]
+    )
+    assert better["previous_champion_version"] == 1
     assert _champion_version(client) == "3"
 
-    # The alias serves the raw-audio model of the new champion.
-    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").unwrap_python_model()
-    assert served.spec.family == "better" and served.spec.level == "segment"
-
-    # The same classifier with other serving settings is a new served model: it takes the alias.
-    redeployed = _promote("better", registry, tmp_path, limits=serving_limits(max_rows=4))
-    assert redeployed["promoted"] and redeployed["version"] == 4
-    assert "new serving code or serving settings" in redeployed["reason"]
+    # The same classifier with other serving settings is a new served model: no worse on the
+    # same clips, it takes the alias.
+    redeployed = _promote(
+        "better", registry, tmp_path, audio_clips, limits=serving_limits(max_rows=4)
+    )
+    assert redeployed["promoted"] and redeployed["rule"] == "same_classifier"
     served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").unwrap_python_model()
     assert served.limits.max_rows == 4
 
@@ -206,45 +324,77 @@ def test_registry_flow_promotes_only_what_beats_the_champion(registry, tmp_path,
         assert version.current_stage in (None, "None")
 
 
-def test_champion_on_other_data_is_kept_unless_replace_is_asked(registry, tmp_path):
+def test_a_model_that_changes_its_mind_when_quieter_is_not_promoted(
+    registry, audio_clips, tmp_path
+):
+    before = _champion_version(MlflowClient()) if _has_champion() else None
+    deaf = _promote("deaf", registry, tmp_path, audio_clips)
+    assert not deaf["promoted"] and deaf["rule"] == "behaviour"
+    unchanged = deaf["behaviour"]["unchanged"]
+    assert unchanged["gain_-6db"] == 1.0 and unchanged["gain_-20db"] < 0.5  # -20 dB: classical
+    assert "turned down 20 dB" in deaf["reason"]
+    assert (_champion_version(MlflowClient()) if _has_champion() else None) == before
+    tags = MlflowClient().get_model_version(MODEL_NAME, str(deaf["version"])).tags
+    assert float(tags["behaviour.gain_-20db"]) < 0.5 and tags["promotion_rule"] == "behaviour"
+
+
+def test_a_champion_trained_on_the_test_clips_is_not_compared(registry, audio_clips, tmp_path):
     client = MlflowClient()
-    if not client.search_registered_models(f"name='{MODEL_NAME}'"):
-        _promote("medium", registry, tmp_path)
-    before = _champion_version(client)
-    new_split, _ = synthetic_test_data(split_sha256="split-v2")
+    if not _has_champion():
+        _promote("medium", registry, tmp_path, audio_clips)
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    # A new split: two of its test clips are clips the champion trained on (same samples).
+    test = list(audio_clips.test)
+    test[0] = dataclasses.replace(test[0], samples_sha256="train-0")
+    test[5] = dataclasses.replace(test[5], samples_sha256="train-7")
+    leaked_split = SplitClips(tuple(test), audio_clips.training.iloc[10:].reset_index(drop=True))
+    result = _promote("best", registry, tmp_path, leaked_split)
+    assert not result["promoted"] and result["rule"] == "leakage"
+    assert result["leaked_test_clips"] == sorted([test[0].track_id, test[5].track_id])
+    assert f"champion version {champion.version} was trained on 2" in result["reason"]
+    assert _champion_version(client) == str(champion.version)
 
-    kept = _promote("best", registry, tmp_path, data=new_split)
-    assert not kept["promoted"]
-    assert kept["reason"].startswith("champion evaluated on different data")
-    assert kept["previous_champion_value"] is None  # not compared blindly
-    assert _champion_version(client) == before
-    assert (
-        "different data" in client.get_model_version(MODEL_NAME, str(kept["version"])).description
+
+def test_a_champion_that_cannot_be_loaded_stops_or_counts_as_absent(
+    registry, audio_clips, tmp_path
+):
+    if not _has_champion():
+        _promote("medium", registry, tmp_path, audio_clips)
+    _, _, served = registry
+
+    def broken(uri: str):
+        if uri.startswith(f"models:/{MODEL_NAME}/"):
+            raise OSError("No such file or directory: '/gone/artifacts/model/MLmodel'")
+        return served["best"]
+
+    with pytest.raises(EvaluationError, match=r"champion version \d+ .* cannot be loaded: OSError"):
+        _promote("best", registry, tmp_path, audio_clips, loader=broken)
+    absent = _promote(
+        "best", registry, tmp_path, audio_clips, loader=broken, unloadable_champion="absent"
     )
+    assert absent["promoted"] and absent["rule"] == "first"
+    assert "counts as absent" in absent["reason"]
+    assert _champion_version(MlflowClient()) == str(absent["version"])
 
-    replaced = _promote("best", registry, tmp_path, data=new_split, on_data_change="replace")
-    assert replaced["promoted"]
-    assert _champion_version(client) == str(replaced["version"])
+
+def _has_champion() -> bool:
+    try:
+        MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion")
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
 
 
 def test_promotion_settings_from_params(repo_root):
     params = load_params(repo_root / "params.yaml")
-    settings = PromotionSettings.from_params(
-        {
-            **params,
-            "promote": {
-                "model_name": "m",
-                "min_improvement": 0.02,
-                "on_data_change": "replace",
-                "experiment_name": None,
-            },
-            "serving": {**params["serving"], "max_upload_mib": 5},
-        }
-    )
-    assert settings == PromotionSettings(
-        "m", 0.02, "replace", None, serving_limits(max_upload_mib=5.0)
-    )
-    with pytest.raises(ConfigError, match="on_data_change"):
-        PromotionSettings.from_params(
-            {**params, "promote": {**params["promote"], "on_data_change": "sometimes"}}
-        )
+    changed = {
+        **params,
+        "promote": {**params["promote"], "min_improvement": 0.02, "require_significant": True},
+        "serving": {**params["serving"], "max_upload_mib": 5},
+    }
+    settings = PromotionSettings.from_params(changed)
+    assert settings.min_improvement == 0.02 and settings.require_significant
+    assert settings.metric == params["promote"]["metric"]
+    assert settings.limits == serving_limits(max_upload_mib=5.0)
+    assert settings.behaviour.min_unchanged == params["promote"]["behaviour"]["min_unchanged"]
+    assert settings.bootstrap.n_resamples == params["uncertainty"]["n_resamples"]

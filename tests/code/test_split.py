@@ -75,13 +75,77 @@ def test_random_segments_is_labelled_leaky_and_its_leak_is_measured(tables, tmp_
     assignments, summary = _split(tables, tmp_path, strategy="random_segments")
     assert summary["leaky"] is True
     assert split_label(summary) == "random-segments-leaky"
-    assert list(assignments.columns) == ["track_id", "segment", "genre", "subset"]
+    assert list(assignments.columns) == ["track_id", "segment", "genre", "subset", "unit"]
+    # Segments are assigned one by one, but a song's segments are still one unit of evidence.
+    assert (assignments["unit"] == assignments["track_id"]).all()
     # Segments of most songs land on several sides: the reason this split is leaky.
     assert summary["leakage"]["tracks_on_several_sides"] > len(GENRES) * SONGS_PER_GENRE / 2
     with_subsets = split_data.attach_subsets(tables[1], assignments)
     assert with_subsets["subset"].notna().all()
     # A clip table cannot be split by segment: no clip gets a subset.
     assert split_data.attach_subsets(tables[0], assignments)["subset"].isna().all()
+
+
+@pytest.mark.parametrize("strategy", ["clip_stratified", "song_grouped"])
+def test_units_are_tracks_or_their_duplicate_group(tables, tmp_path, strategy):
+    groups = pd.DataFrame(
+        {"track_id": ["blues.00000", "blues.00001"], "duplicate_group": ["blues.00000"] * 2}
+    )
+    groups.to_csv(tmp_path / "duplicates.csv", index=False)
+    clips, segments = tables
+    assignments, _ = split.make_split(
+        clips,
+        segments,
+        {**SPLIT_SETTINGS, "strategy": strategy},
+        tmp_path,
+        tmp_path / "duplicates.csv",
+    )
+    assert list(assignments.columns) == ["track_id", "genre", "subset", "unit"]
+    unit = assignments.set_index("track_id")["unit"]
+    assert unit["blues.00000"] == unit["blues.00001"] == "blues.00000"
+    alone = assignments[~assignments["track_id"].isin(groups["track_id"])]
+    assert (alone["unit"] == alone["track_id"]).all()
+    assert assignments["unit"].nunique() == len(assignments) - 1
+
+
+def test_unit_of_track_without_the_column_is_the_track(tables, tmp_path):
+    assignments, _ = _split(tables, tmp_path, strategy="song_grouped")
+    units = split_data.unit_of_track(assignments.drop(columns="unit"))
+    assert units == {track: track for track in assignments["track_id"]}
+    # An older split file, without the column: the test data's units are its tracks.
+    test_data = split_data.TestData({}, "", assignments=assignments.drop(columns="unit"))
+    assert test_data.units == units
+    assert split_data.TestData({}, "").units == {}
+
+
+def test_artist_filtered_units_follow_artists_and_duplicates(tables, tmp_path):
+    clips, _ = tables
+    lists_dir = tmp_path / "lists"
+    lists_dir.mkdir()
+    tracks = clips["track_id"].tolist()
+    for number, subset in enumerate(split_data.SUBSETS):
+        entries = [f"{track.split('.')[0]}/{track}.wav" for track in tracks[number::3]]
+        (lists_dir / f"{subset}_filtered.txt").write_text("\n".join(entries) + "\n")
+    # blues.00000 and blues.00003 share an artist (both in train); 00001 duplicates 00004 (valid).
+    pd.DataFrame(
+        {"track_id": ["blues.00000", "blues.00003"], "artist": ["Someone", "Someone"]}
+    ).to_csv(tmp_path / "artists.csv", index=False)
+    pd.DataFrame(
+        {"track_id": ["blues.00001", "blues.00004"], "duplicate_group": ["g1", "g1"]}
+    ).to_csv(tmp_path / "duplicates.csv", index=False)
+    stage = {
+        **SPLIT_SETTINGS,
+        "strategy": "artist_filtered",
+        "artists_file": str(tmp_path / "artists.csv"),
+        "artist_filtered": {**SPLIT_SETTINGS["artist_filtered"], "lists_dir": str(lists_dir)},
+    }
+    assignments, _ = split.make_split(
+        clips, pd.DataFrame(), stage, tmp_path, tmp_path / "duplicates.csv"
+    )
+    unit = assignments.set_index("track_id")["unit"]
+    assert unit["blues.00000"] == unit["blues.00003"] == "artist:Someone"
+    assert unit["blues.00001"] == unit["blues.00004"] == "g1"
+    assert unit["blues.00002"] == "blues.00002"
 
 
 def test_leakage_check_fails_a_non_leaky_split_with_the_ids(tables, tmp_path):
@@ -108,6 +172,9 @@ def test_artists_stay_on_one_side_and_are_checked(tables, tmp_path):
     )
     merged = assignments.merge(artists[["track_id", "artist"]], on="track_id")
     assert merged.groupby("artist")["subset"].nunique().max() == 1
+    # An artist's songs are one unit, named after the artist.
+    assert (merged.groupby("artist")["unit"].nunique() == 1).all()
+    assert (merged["unit"] == "artist:" + merged["artist"]).all()
     assert summary["leakage"] == {"tracks_on_several_sides": 0, "artists_on_several_sides": 0}
 
     moved = assignments.copy()
@@ -185,6 +252,8 @@ def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
     assignments, written = split_data.load_split(tmp_path / "data" / "split")
     assert written == json.loads(json.dumps(summary))
     assert len(assignments) == len(clips)
+    assert list(assignments.columns) == ["track_id", "genre", "subset", "unit"]
+    assert split_data.unit_of_track(assignments) == {t: t for t in clips["track_id"]}
     # Four songs per genre: every subset still gets one of each genre.
     assert all(
         len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in split_data.SUBSETS

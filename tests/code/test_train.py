@@ -17,6 +17,7 @@ from live_services import small_project
 from gtzan_mlops import feature_sets, models, tracking, train
 from gtzan_mlops.config import ConfigError, load_params
 from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.scoring import METRICS
 
 
 def make_project(folder: Path, repo_root: Path, n_trials: int = 2) -> Path:
@@ -55,6 +56,17 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     # Genres are well apart in the synthetic data: every family must beat chance (0.1) clearly.
     assert metrics["test_accuracy"] > 0.3, metrics
     assert record["level"] == "segment" and record["flavor"] == models.flavor_of(family)
+    # The selection score: the best trial's validation metric (params' selection), not a test
+    # score; every score with its interval.
+    assert set(record["val_metrics"]) == {f"valid_{name}" for name in METRICS}
+    selection = record["selection"]
+    assert selection["source"] == "validation"
+    assert selection["value"] == pytest.approx(
+        record["val_metrics"][f"valid_{selection['metric']}"]
+    )
+    assert set(record["test_intervals"]) == {f"test_{name}" for name in METRICS}
+    for name in record["test_intervals"]:
+        assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"]
 
     # One parent run with one nested run per trial, all with the same metric names.
     assert mlflow.get_tracking_uri() == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
@@ -62,9 +74,14 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     assert parent.info.run_name == f"train-{family} [handcrafted features, song-grouped split]"
     assert parent.data.tags["split"] == "song-grouped"
     assert "git_commit" in parent.data.tags
-    assert {"test_accuracy", "test_song_accuracy", "best_valid_accuracy"} <= set(
-        parent.data.metrics
-    )
+    assert {
+        "test_accuracy",
+        "test_song_accuracy",
+        "test_song_accuracy_low",
+        "test_song_accuracy_high",
+        "best_valid_accuracy",
+        f"selection_{selection['metric']}",
+    } <= set(parent.data.metrics)
     trials = _nested_runs(record["run_id"])
     assert len(trials) == 2
     assert (trials["experiment_id"] == parent.info.experiment_id).all()

@@ -1,12 +1,13 @@
-"""End to end: `dvc repro` of the whole pipeline on the 70 real clips, in a fresh copy of the
-repository, and what DVC and MLflow users do next.
+"""End to end: `dvc repro` of the whole pipeline on the synthetic demo set and then on the 70 real
+clips, in a fresh copy of the repository, and what DVC and MLflow users do next.
 
 Small budgets (a trial or two per family, few epochs and trees), so it checks the wiring of every
 stage rather than model quality: fetch lists 70 usable clips, features gives 70 clip rows and 700
-segment rows, every family trains, the winner is registered as `champion`, `predict` answers for
-a real clip; a second `dvc repro` does nothing; a changed parameter reruns only the stages that
-read it; `dvc exp run -S` and the experiment queue log into the same MLflow store, tagged with
-the experiment's name; `dvc push`/`dvc pull` round-trip the audio and features.
+segment rows, every family trains, the real model takes the `champion` alias from the demo one
+(both played the real test clips), `predict` answers for a real clip with it, and a worse model
+on the same data leaves it there; a second `dvc repro` does nothing; a changed parameter reruns
+only the stages that read it; `dvc exp run -S` and the experiment queue log into the same MLflow
+store, tagged with the experiment's name; `dvc push`/`dvc pull` round-trip the audio and features.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _commit(repo: Path, env: dict[str, str], message: str) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, repo_root, gtzan_mini):
-    """A fresh copy of the repository reading the 70 real clips, after one `dvc repro`."""
+    """A fresh copy of the repository after `dvc repro` on a small synthetic demo set (as
+    `make pipeline` does), then `dvc repro` on the 70 real clips (as the README's next step)."""
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     repo.mkdir()
     _copy_repository(repo_root, repo)
@@ -99,12 +101,19 @@ def pipeline(tmp_path_factory, repo_root, gtzan_mini):
     # The copy's own remote, so the test never writes beside the developer's checkout.
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "remote", "add", "-f", "-d", "local", str(repo.parent / "remote")], repo, env)
+    set_params(repo / "params.yaml", {"data.source": "demo", "data.demo.clips_per_genre": 4})
     _commit(repo, env, "copy")
     started = time.monotonic()
+    _run(["dvc", "repro"], repo, env)
+    demo = json.loads((repo / "reports/promote/promotion.json").read_text())
+    print(f"\ndvc repro on the demo set: {time.monotonic() - started:.0f} s")
+    set_params(repo / "params.yaml", {"data.source": "local"})
+    _commit(repo, env, "demo")
+    started = time.monotonic()
     first = _run(["dvc", "repro"], repo, env)
-    print(f"\nfirst dvc repro on the 70 real clips: {time.monotonic() - started:.0f} s")
+    print(f"dvc repro on the 70 real clips: {time.monotonic() - started:.0f} s")
     _commit(repo, env, "repro")
-    return repo, env, first
+    return repo, env, first, demo
 
 
 def _store(repo: Path) -> str:
@@ -120,7 +129,7 @@ def _runs(repo: Path) -> pd.DataFrame:
 
 
 def test_repro_runs_every_stage_on_the_real_clips(pipeline):
-    repo, _, first = pipeline
+    repo, _, first, _ = pipeline
     families = E2E_FAMILIES
     assert _stages_run(first) == {
         "fetch", "duplicates", "features", "pca", "split", "evaluate", "promote",
@@ -150,9 +159,35 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     assert evaluation["winner"] in {
         f"{f}-{s}" for f in E2E_CANDIDATES for s in ("handcrafted", "both")
     }
-    assert set(evaluation["test_song_macro_f1"]) == models
-    promotion = json.loads((repo / "metrics/promotion.json").read_text())
-    assert promotion["promoted"] is True and promotion["champion_version"] == 1
+    assert set(evaluation["models"]) == models
+    assert evaluation["selection"] == "validation song_macro_f1"
+    chosen = json.loads((repo / "reports/evaluate/evaluation.json").read_text())["families"]
+    best = max(chosen[name]["selection"]["value"] for name in chosen if chosen[name]["candidate"])
+    assert chosen[evaluation["winner"]]["selection"]["value"] == best  # not the test score
+
+    # The demo champion (synthetic tones) was compared with the real model on the same real test
+    # clips, both as served, and lost the alias.
+    promotion = json.loads((repo / "reports/promote/promotion.json").read_text())
+    assert promotion["promoted"] is True, promotion["reason"]
+    assert promotion["previous_champion_version"] == 1 and promotion["champion_version"] == 2
+    assert promotion["rule"] == "improvement" and promotion["test_clips"] == 20
+    comparison = promotion["comparison"]
+    assert comparison["champion_version"] == "1" and comparison["difference"]["value"] > 0
+    assert promotion["behaviour"]["passed"]
+    assert set(promotion["behaviour"]["unchanged"]) == {
+        "gain_-6db", "gain_-12db", "gain_-20db", "shift_2s", "resample_44100hz_2ch", "mp3_128kbps"
+    }  # fmt: skip
+    mlflow.set_tracking_uri(_store(repo))
+    try:
+        tags = (
+            mlflow.MlflowClient()
+            .get_model_version_by_alias("gtzan-genre-classifier", "champion")
+            .tags
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert tags["data_source"].startswith("local (") and tags["data_clips"] == "70"
+    assert tags["training_clips"] == "50" and tags["test_clips"] == "20"
 
     runs = _runs(repo)
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
@@ -171,8 +206,14 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     assert runs["tags.dvc.data_raw_md5"].notna().all()
 
 
+def test_the_demo_run_promoted_a_champion_that_passed_the_gate(pipeline):
+    *_, demo = pipeline
+    assert demo["promoted"] is True and demo["rule"] == "first", demo["reason"]
+    assert demo["behaviour"]["passed"] and demo["version"] == 1
+
+
 def test_predict_answers_for_a_real_clip_with_the_champion(pipeline, gtzan_mini):
-    repo, env, _ = pipeline
+    repo, env, *_ = pipeline
     clip = gtzan_mini / "genres" / "rock" / "rock.00006.wav"
     output = _run(["gtzan-mlops", "predict", str(clip)], repo, env)
     line = next(line for line in output.splitlines() if line.startswith(str(clip)))
@@ -181,13 +222,13 @@ def test_predict_answers_for_a_real_clip_with_the_champion(pipeline, gtzan_mini)
 
 
 def test_second_repro_does_nothing(pipeline):
-    repo, env, _ = pipeline
+    repo, env, *_ = pipeline
     output = _run(["dvc", "repro"], repo, env)
     assert _stages_run(output) == set(), output
 
 
 def test_changed_feature_parameter_reruns_only_the_features_stage(pipeline):
-    repo, env, _ = pipeline
+    repo, env, *_ = pipeline
     # The features stage tracks its resources, which change no value: features rerun (reading the
     # per-clip cache), write identical tables, and DVC leaves every downstream stage alone.
     set_params(repo / "params.yaml", {"resources.features.workers": 1})
@@ -198,7 +239,7 @@ def test_changed_feature_parameter_reruns_only_the_features_stage(pipeline):
 
 def test_exp_run_of_a_search_space_reruns_only_that_family(pipeline):
     """Another search space is another study: a new parent run, tagged with the experiment."""
-    repo, env, _ = pipeline
+    repo, env, *_ = pipeline
     output = _run(
         ["dvc", "exp", "run", "-n", "sgd-wider", "-S", "train.sgd.space.alpha.high=0.5"],
         repo,
@@ -218,7 +259,8 @@ def test_exp_run_of_a_search_space_reruns_only_that_family(pipeline):
         env,
     )
     columns = shown.splitlines()[0].split(",")
-    assert {"winner", "winner_test_song_macro_f1", "train.sgd.space.alpha.high"} <= set(columns)
+    assert {"winner", "winner_selection.value", "train.sgd.space.alpha.high"} <= set(columns)
+    assert "winner_test_song_macro_f1.low" in columns
     assert len(columns) < 15, columns
 
 
@@ -226,7 +268,7 @@ def test_queued_experiment_runs_in_a_temporary_copy_into_the_same_store(pipeline
     """More trials continue the same study: the queued run's new trial, tagged with the
     experiment, joins the first one under the stage's parent run, in the real repository's
     store (not the temporary copy's)."""
-    repo, env, _ = pipeline
+    repo, env, *_ = pipeline
     queue = ["dvc", "exp", "run", "--queue", "-n", "queued-nb", "-S"]
     _run([*queue, "train.naive_bayes.n_trials=2"], repo, env)
     _run(["dvc", "queue", "start"], repo, env)
@@ -251,7 +293,7 @@ def test_queued_experiment_runs_in_a_temporary_copy_into_the_same_store(pipeline
 
 
 def test_push_and_pull_round_trip_audio_and_features(pipeline):
-    repo, env, _ = pipeline
+    repo, env, *_ = pipeline
     _run(["dvc", "push"], repo, env)
     tables = ["data/manifest.csv", "data/features/features_3_sec.csv"]
     before = {name: (repo / name).read_bytes() for name in tables}
@@ -265,3 +307,24 @@ def test_push_and_pull_round_trip_audio_and_features(pipeline):
     assert {name: (repo / name).read_bytes() for name in tables} == before
     assert clip.read_bytes() == clip_bytes
     assert len(list((repo / "data/raw/genres").glob("*/*.wav"))) == 70
+
+
+def test_a_worse_model_on_the_same_data_leaves_the_champion(pipeline):
+    """A third run on the same clips whose only candidate is a barely trained network: it is
+    registered, compared with the champion on the same test clips, and not promoted."""
+    repo, env, *_ = pipeline
+    set_params(
+        repo / "params.yaml",
+        {
+            "evaluate.candidates": ["fnn_simple"],
+            "train.candidate_feature_sets": [],
+            "train.fnn_simple.space.epochs": 1,
+            "train.fnn_simple.space.learning_rate": 1.0e-5,
+        },
+    )
+    _run(["dvc", "repro"], repo, env)
+    promotion = json.loads((repo / "reports/promote/promotion.json").read_text())
+    assert promotion["model"] == "fnn_simple-handcrafted"
+    assert promotion["promoted"] is False and promotion["champion_version"] == 2
+    assert promotion["comparison"]["difference"]["value"] < 0, promotion["reason"]
+    assert promotion["version"] >= 3

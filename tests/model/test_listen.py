@@ -25,6 +25,12 @@ TAGS = {
     "leaky": "false",
     "metric_name": "test_song_macro_f1",
     "metric_value": "0.612345",
+    "metric_low": "0.450000",
+    "metric_high": "0.780000",
+    "metric_level": "0.95",
+    "test_clips": "20",
+    "data_source": "local (../shared/data/gtzan_mini)",
+    "training_clips": "50",
 }
 
 
@@ -119,6 +125,8 @@ def test_model_endpoint_names_the_registered_version_and_its_evaluation(page_ser
     assert info["name"] == MODEL_NAME and info["version"] == "1" and info["alias"] == "champion"
     assert info["family"] == "logistic_regression" and info["feature_set"] == "handcrafted"
     assert info["split"] == "song-grouped" and info["metric_value"] == "0.612345"
+    assert info["metric_low"] == "0.450000" and info["metric_high"] == "0.780000"
+    assert info["data_source"] == "local (../shared/data/gtzan_mini)"
     assert info["level"] == "segment" and info["max_upload_mib"] == 8
 
 
@@ -143,6 +151,14 @@ def test_a_person_uploads_songs_in_chromium(page_server, gtzan_mini, tmp_path, a
         page.goto(base)
         page.wait_for_selector("#model dd[data-field='model']")
         assert page.inner_text("#model").count(MODEL_NAME) == 1
+        card = {
+            field: page.inner_text(f"#model dd[data-field='{field}']")
+            for field in ("trained on", "test score there")
+        }
+        assert card["trained on"] == "local (../shared/data/gtzan_mini), 50 clips"
+        assert card["test score there"] == (
+            "test_song_macro_f1 0.612 [0.450, 0.780] (95 % interval, 20 test clips)"
+        )
 
         for index, upload in enumerate([clips[0], not_audio, clips[1]]):
             page.set_input_files("#file", str(upload))
