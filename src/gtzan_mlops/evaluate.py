@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from gtzan_mlops.scoring import (
     TEST_SUBSET,
     EvaluationError,
     FamilyEvaluation,
+    SelectionSettings,
     score_classifier,
     score_intervals,
 )
@@ -55,24 +55,10 @@ log = logging.getLogger(__name__)
 MODELS_FILE = "models.csv"  # beside it: one row per model, family x feature set
 MODELS_REPORT = "models.md"  # the same as a readable table
 REPORTED = ("test_song_accuracy", "test_song_macro_f1", "test_accuracy")  # with intervals
+SCORE_DIGITS = 9  # selection scores equal to this many decimals are a tie
 
 
-@dataclass(frozen=True)
-class SelectionRule:
-    """How the winner is chosen (params `selection`): from which scores, on which metric."""
-
-    source: str  # validation or cross_validation
-    metric: str  # accuracy, macro_f1, song_accuracy or song_macro_f1
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SelectionRule:
-        return cls(str(params["selection"]["source"]), str(params["selection"]["metric"]))
-
-    def describe(self) -> str:
-        return f"{self.source} {self.metric}"
-
-
-def selection_of(record: dict[str, Any], rule: SelectionRule) -> dict[str, Any]:
+def selection_of(record: dict[str, Any], rule: SelectionSettings) -> dict[str, Any]:
     """A training record's selection score, if it was computed by `rule`."""
     selection = record.get("selection")
     if not selection:
@@ -80,11 +66,11 @@ def selection_of(record: dict[str, Any], rule: SelectionRule) -> dict[str, Any]:
             f"{record_model(record)}: its training record has no selection score (trained by "
             "an older version of the train stage); rerun train"
         )
-    made = SelectionRule(str(selection["source"]), str(selection["metric"]))
-    if made != rule:
+    if not rule.same_rule(str(selection["source"]), str(selection["metric"])):
         raise EvaluationError(
-            f"{record_model(record)}: its selection score is {made.describe()}, params ask for "
-            f"{rule.describe()}; rerun train (dvc repro does)"
+            f"{record_model(record)}: its selection score is {selection['source']} "
+            f"{selection['metric']}, params ask for {rule.describe()}; rerun train (dvc repro "
+            "does)"
         )
     return selection
 
@@ -101,8 +87,14 @@ def choose_winner(evaluations: dict[str, dict[str, Any]], candidates: list[str])
     for name in scored:
         if "value" not in evaluations[name].get("selection", {}):
             raise EvaluationError(f"{name}: no selection score")
+    # Equal scores computed in another order can differ in their last bits: rounded, they tie
+    # (on 10 validation songs, ties are common), and the earlier candidate wins.
     return max(
-        scored, key=lambda name: (evaluations[name]["selection"]["value"], -scored.index(name))
+        scored,
+        key=lambda name: (
+            round(float(evaluations[name]["selection"]["value"]), SCORE_DIGITS),
+            -scored.index(name),
+        ),
     )
 
 
@@ -211,7 +203,7 @@ def evaluate_records(
     records: dict[str, dict[str, Any] | None],
     data: TestData,
     candidates: list[str],
-    rule: SelectionRule,
+    rule: SelectionSettings,
     bootstrap: BootstrapSettings,
     classes: list[str],
     output_dir: Path,
@@ -332,7 +324,7 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         records,
         load_test_data(params, root),
         candidates,
-        SelectionRule.from_params(params),
+        SelectionSettings.from_params(params),
         BootstrapSettings.from_params(params),
         list(params["genres"]),
         output_dir,

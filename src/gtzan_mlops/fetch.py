@@ -135,15 +135,17 @@ def copy_genre_folder(genres_dir: Path, raw_dir: Path) -> list[Path]:
 @dataclass(frozen=True)
 class ManifestGates:
     """What a clip must pass to be usable: its folder among params `genres`, and the quality
-    gates the served model applies too (`data.min_duration_s`, `data.silence_peak`)."""
+    gates the served model applies too (`data.min_duration_s`, `data.silence_peak`,
+    `data.max_peak`)."""
 
     genres: tuple[str, ...]
     min_duration_s: float
     silence_peak: float
+    max_peak: float
 
     @property
     def quality(self) -> QualityGates:
-        return QualityGates(self.min_duration_s, self.silence_peak)
+        return QualityGates(self.min_duration_s, self.silence_peak, self.max_peak)
 
 
 def clip_status(path: Path, genre: str, gates: ManifestGates) -> tuple[AudioInfo | None, str]:
@@ -336,6 +338,7 @@ def run(params: dict[str, Any], root: Path, show_progress: bool = True) -> dict[
         genres=_genres(params),
         min_duration_s=number_setting(data, "min_duration_s", "data", float, minimum=0),
         silence_peak=number_setting(data, "silence_peak", "data", float, minimum=0),
+        max_peak=float(data["max_peak"]),
     )
     workers = params["resources"]["fetch"]["workers"] or os.cpu_count() or 1
     source, write_audio = _plan_source(params, root, raw_dir, show_progress)

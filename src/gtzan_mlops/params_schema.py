@@ -91,6 +91,7 @@ class Data(Section):
     demo: DemoSource
     min_duration_s: Annotated[Float, Field(ge=0)]
     silence_peak: Annotated[Float, Field(ge=0)]
+    max_peak: Annotated[Float, Field(gt=1)]
 
 
 class Duplicates(Section):

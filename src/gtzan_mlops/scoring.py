@@ -25,8 +25,40 @@ METRICS = ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1")
 TEST_SUBSET = "test"
 
 
+SELECTION_SOURCES = ("validation", "cross_validation")
+
+
 class EvaluationError(ValueError):
     """Evaluation cannot proceed; the message says which input is wrong and why."""
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """How a model is scored for the choice among candidates (params `selection`): computed by
+    the train stage (not part of the study's name: it changes no trial, only what is computed
+    after them), and read by evaluate, which refuses scores made by another rule."""
+
+    source: str  # validation or cross_validation
+    metric: str  # one of scoring.METRICS
+    folds: int  # of train+valid, for cross_validation
+    seed: int  # of the folds' shuffle
+
+    def same_rule(self, source: str, metric: str) -> bool:
+        return (self.source, self.metric) == (source, metric)
+
+    def describe(self) -> str:
+        return f"{self.source} {self.metric}"
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> SelectionSettings:
+        """params `selection`, as params_schema validated it."""
+        section = params["selection"]
+        return cls(
+            source=str(section["source"]),
+            metric=str(section["metric"]),
+            folds=int(section["folds"]),
+            seed=int(section["seed"]),
+        )
 
 
 @dataclass

@@ -101,6 +101,7 @@ SPEC_ARTIFACT = "spec"
 MUSICNN_ARTIFACT = "musicnn_weights"
 SERVING_MODEL_NAME = "serving_model"  # the logged model's name inside its run
 BEFORE_LOUDNESS = {"loudness_target_dbfs": None, "loudness_max_gain_db": 0.0}
+BEFORE_MAX_PEAK = {"max_peak": math.inf}
 
 _log = logging.getLogger(__name__)
 
@@ -184,9 +185,29 @@ def input_signature(classes: tuple[str, ...] | list[str]) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs, params=parameters)
 
 
+class ServingError(MlflowException):
+    """An error the served model answers with, its message exactly as written here.
+
+    MLflow's scoring server rewrites the message of every MlflowException out of `predict` as
+    "Failed to predict data '<the request's DataFrame>'. Error: <message>" (mlflow/pyfunc/
+    scoring_server/__init__.py, `invocations`), and that DataFrame's repr quotes the first
+    characters of every base64 cell: the client's own bytes, echoed. Our messages name the
+    row and the problem instead, so the message is set once and later assignments are
+    ignored."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
 def invalid_input(message: str) -> MlflowException:
     """The error for a bad request: the scoring server answers it with HTTP 400."""
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return ServingError(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def _present(value: Any) -> bool:
@@ -235,6 +256,7 @@ class ServingLimits:
     audio_root: str | None  # the only folder audio_path may read (symlinks resolved)
     min_duration_s: float
     silence_peak: float
+    max_peak: float
     musicnn_batch_size: int
 
     @classmethod
@@ -243,6 +265,7 @@ class ServingLimits:
         known = {field.name for field in fields(cls)} - {
             "min_duration_s",
             "silence_peak",
+            "max_peak",
             "musicnn_batch_size",
         }
         unknown = sorted(set(serving) - known)
@@ -253,6 +276,7 @@ class ServingLimits:
             **serving,
             "min_duration_s": data["min_duration_s"],
             "silence_peak": data["silence_peak"],
+            "max_peak": data["max_peak"],
             "musicnn_batch_size": section(params, "resources.features.musicnn_batch_size"),
         }
         try:
@@ -263,6 +287,8 @@ class ServingLimits:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ServingLimits:
         """From a model config (or params), every field required and of its type."""
+        # A model logged before the max_peak gate existed keeps serving without it.
+        config = {**BEFORE_MAX_PEAK, **config}
         values: dict[str, Any] = {}
         for field in fields(cls):
             if field.name not in config:
@@ -302,7 +328,7 @@ class ServingLimits:
 
     @property
     def gates(self) -> QualityGates:
-        return QualityGates(self.min_duration_s, self.silence_peak)
+        return QualityGates(self.min_duration_s, self.silence_peak, self.max_peak)
 
 
 @dataclass(frozen=True)
@@ -584,13 +610,13 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         except MlflowException:
             raise
         except ServerBusy as error:
-            raise MlflowException(str(error), error_code=REQUEST_LIMIT_EXCEEDED) from None
+            raise ServingError(str(error), error_code=REQUEST_LIMIT_EXCEEDED) from None
         except RequestTimeout as error:
-            raise MlflowException(str(error), error_code=TEMPORARILY_UNAVAILABLE) from None
+            raise ServingError(str(error), error_code=TEMPORARILY_UNAVAILABLE) from None
         except Exception:
             # The trace stays in the server's log: a response never carries it, nor paths.
             _log.exception("unexpected error while classifying a request")
-            raise MlflowException(
+            raise ServingError(
                 "internal error while classifying the audio (details are in the server's log)",
                 error_code=INTERNAL_ERROR,
             ) from None

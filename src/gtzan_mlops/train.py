@@ -63,6 +63,7 @@ from gtzan_mlops.scoring import (
     METRICS,
     EvaluationError,
     FamilyEvaluation,
+    SelectionSettings,
     evaluation_interval,
     per_class_table,
     score_classifier,
@@ -87,7 +88,6 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 BUDGET_ATTR = "budget"  # epochs or boosting rounds the trial's early stopping chose
 VALID_METRICS_ATTR = "valid_metrics"  # the four valid_* metrics of a complete trial
 VALID_OUTCOMES_ATTR = "valid_outcomes"  # its per-song and per-row outcomes (see `outcomes`)
-SELECTION_SOURCES = ("validation", "cross_validation")
 CV_SUBSET = "cv"  # metric prefix of the pooled out-of-fold scores
 EXAMPLE_ROWS = 5
 
@@ -216,32 +216,6 @@ class FamilySettings:
     @property
     def objective_key(self) -> str:
         return f"valid_{self.objective}"
-
-
-@dataclass(frozen=True)
-class SelectionSettings:
-    """How the stage scores its model for the choice among candidates (params `selection`).
-    Not part of the study's name: it changes no trial, only what is computed after them."""
-
-    source: str  # validation or cross_validation
-    metric: str  # one of scoring.METRICS
-    folds: int  # of train+valid, for cross_validation
-    seed: int  # of the folds' shuffle
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SelectionSettings:
-        section = params["selection"]
-        source, metric = str(section["source"]), str(section["metric"])
-        if source not in SELECTION_SOURCES:
-            raise ConfigError(
-                f"selection.source must be one of {SELECTION_SOURCES}, got {source!r}"
-            )
-        if metric not in METRICS:
-            raise ConfigError(f"selection.metric must be one of {METRICS}, got {metric!r}")
-        folds = int(section["folds"])
-        if folds < 2:
-            raise ConfigError(f"selection.folds must be at least 2, got {folds}")
-        return cls(source=source, metric=metric, folds=folds, seed=int(section["seed"]))
 
 
 def code_fingerprint() -> str:

@@ -20,18 +20,22 @@ from mlflow_helpers import (
 )
 
 from gtzan_mlops.evaluate import (
-    SelectionRule,
     choose_winner,
     evaluate_records,
     key_metrics,
 )
 from gtzan_mlops.features import FEATURE_NAMES
 from gtzan_mlops.records import load_family_record
-from gtzan_mlops.scoring import EvaluationError, score_classifier, song_probabilities
+from gtzan_mlops.scoring import (
+    EvaluationError,
+    SelectionSettings,
+    score_classifier,
+    song_probabilities,
+)
 from gtzan_mlops.split_data import split_label
 from gtzan_mlops.uncertainty import BootstrapSettings
 
-RULE = SelectionRule("validation", "song_macro_f1")
+RULE = SelectionSettings("validation", "song_macro_f1", 5, 0)
 BOOTSTRAP = BootstrapSettings(level=0.95, n_resamples=500, seed=0)
 
 
@@ -175,7 +179,7 @@ def test_no_candidate_left_is_an_error(setup, tmp_path):
 
 def test_a_selection_score_of_another_rule_or_none_is_refused(setup, tmp_path):
     data, records, _ = setup
-    other = SelectionRule("cross_validation", "song_macro_f1")
+    other = SelectionSettings("cross_validation", "song_macro_f1", 5, 0)
     with pytest.raises(EvaluationError, match="params ask for cross_validation song_macro_f1"):
         _evaluate({"fnn": records["fnn"]}, data, ["fnn"], tmp_path, rule=other)
     older = {key: value for key, value in records["fnn"].items() if key != "selection"}
@@ -198,6 +202,10 @@ def test_winner_ties_go_to_the_earlier_candidate():
     }
     assert choose_winner(scores, ["c", "b", "a"]) == "c"
     assert choose_winner(scores, ["b", "c"]) == "b"
+    # 0.8 computed two ways differs in the last bit: still a tie.
+    scores["b"]["selection"]["value"], scores["c"]["selection"]["value"] = 0.8, 0.7 + 0.1
+    assert 0.7 + 0.1 != 0.8
+    assert choose_winner(scores, ["b", "c"]) == "b" and choose_winner(scores, ["c", "b"]) == "c"
     with pytest.raises(EvaluationError, match="no selection score"):
         choose_winner({"a": {}}, ["a"])
 

@@ -78,6 +78,7 @@ TEST_SETTINGS: dict[str, Any] = {
     "data.demo.seed": 0,
     "data.min_duration_s": 1.0,
     "data.silence_peak": 1.0e-4,
+    "data.max_peak": 1000.0,
     "resources.fetch.workers": 0,
 }
 
@@ -347,7 +348,7 @@ def test_threads_write_the_same_manifest(tmp_path):
         _write_synthetic_clip(genres_dir / f"pop/synthetic-pop.{index:05d}.wav", clip)
     (genres_dir / "rock").mkdir()
     (genres_dir / "rock/synthetic-empty.00000.wav").write_bytes(b"")
-    gates = fetch.ManifestGates(tuple(GENRES), min_duration_s=0.5, silence_peak=1e-4)
+    gates = fetch.ManifestGates(tuple(GENRES), min_duration_s=0.5, silence_peak=1e-4, max_peak=1e3)
 
     one = fetch.build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 1, False)
     threaded = fetch.build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 3, False)

@@ -18,7 +18,6 @@ from gtzan_mlops import (
     scoring,
     served_evaluation,
     split_strategies,
-    train,
 )
 from gtzan_mlops.config import ConfigError, read_params, validate_params
 
@@ -129,7 +128,7 @@ def test_the_schemas_choices_are_the_codes():
     promoted_by = params_schema.Promote.model_fields["metric"].annotation
     assert typing.get_args(promoted_by) == tuple(served_evaluation.SONG_METRICS)
     sources = params_schema.Selection.model_fields["source"].annotation
-    assert typing.get_args(sources) == train.SELECTION_SOURCES
+    assert typing.get_args(sources) == scoring.SELECTION_SOURCES
     strategy = params_schema.Split.model_fields["strategy"].annotation
     assert set(typing.get_args(strategy)) == set(split_strategies.STRATEGIES)
     families = set(models.FAMILIES)

@@ -33,7 +33,7 @@ from mlflow_helpers import (
 
 from gtzan_mlops.champion import TRAINING_CLIPS_FILE
 from gtzan_mlops.config import load_params
-from gtzan_mlops.evaluate import SelectionRule, evaluate_records
+from gtzan_mlops.evaluate import evaluate_records
 from gtzan_mlops.features import REFERENCE_SETTINGS
 from gtzan_mlops.promote import (
     PromotionSettings,
@@ -42,7 +42,7 @@ from gtzan_mlops.promote import (
     promote_winner,
 )
 from gtzan_mlops.promotion import BehaviourResult, Comparison, decide_promotion
-from gtzan_mlops.scoring import EvaluationError
+from gtzan_mlops.scoring import EvaluationError, SelectionSettings
 from gtzan_mlops.served_evaluation import Clip, SplitClips, clips_digest
 from gtzan_mlops.uncertainty import BootstrapSettings, Interval
 
@@ -216,7 +216,7 @@ def _promote(family, registry, folder, clips, loader=None, **settings) -> dict:
         {family: record},
         data,
         [family],
-        SelectionRule("validation", "song_macro_f1"),
+        SelectionSettings("validation", "song_macro_f1", 5, 0),
         BootstrapSettings(0.95, 200, 0),
         GENRES,
         folder / family,

@@ -15,7 +15,13 @@ from live_services import small_project
 
 from gtzan_mlops import tracking, train, uncertainty
 from gtzan_mlops.config import ConfigError, load_params
-from gtzan_mlops.scoring import EvaluationError, FamilyEvaluation, score_classifier, score_intervals
+from gtzan_mlops.scoring import (
+    EvaluationError,
+    FamilyEvaluation,
+    SelectionSettings,
+    score_classifier,
+    score_intervals,
+)
 
 SETTINGS = uncertainty.BootstrapSettings(level=0.95, n_resamples=500, seed=0)
 FAMILIES = ["naive_bayes", "logistic_regression"]
@@ -200,7 +206,7 @@ def test_cross_validation_folds_keep_units_apart_and_pool_every_row_once(project
     fold_of_unit = pd.Series(fold_of_row).groupby(rows["track_id"].map(units)).nunique()
     assert (fold_of_unit == 1).all()
 
-    choice = train.SelectionSettings.from_params(params)
+    choice = SelectionSettings.from_params(params)
     settings = train.FamilySettings.from_params(params, "logistic_regression")
     result = train.cross_validate(settings, data, {"C": 1.0, "max_iter": 500}, None, choice)
     pooled = np.sort(np.concatenate(result.folds))
@@ -238,7 +244,7 @@ def test_cross_validation_selection_record(project):
         study_name=record["study"], storage=tracking.optuna_storage("logistic_regression", project)
     )
     _, hyperparameters, budget = train.best_configuration(study, settings)
-    choice = train.SelectionSettings.from_params(params)
+    choice = SelectionSettings.from_params(params)
     again = train.cross_validate(settings, data, hyperparameters, budget, choice)
     assert again.evaluation.metrics["cv_song_accuracy"] == selection["value"]
     logged = mlflow.get_run(record["run_id"]).data

@@ -28,7 +28,7 @@ def _gates(params) -> fetch.ManifestGates:
     """The manifest's gates as the fetch stage reads them from params."""
     data = params["data"]
     return fetch.ManifestGates(
-        tuple(params["genres"]), data["min_duration_s"], data["silence_peak"]
+        tuple(params["genres"]), data["min_duration_s"], data["silence_peak"], data["max_peak"]
     )
 
 

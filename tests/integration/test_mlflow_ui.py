@@ -24,7 +24,7 @@ PAGE_TIMEOUT_MS = 60_000  # a 2-core CI machine renders the React app slowly
 FAMILIES = ["knn", "logistic_regression"]  # cheap families: the UI is under test, not the models
 N_TRIALS = 3
 EXPERIMENT = "gtzan-genre"  # params mlflow.experiment_name
-SHARED_METRIC = "test_song_macro_f1"  # logged by every training run (and evaluate.metric)
+SHARED_METRIC = "test_song_macro_f1"  # logged by every training run, with its interval
 
 
 def documented_ui_options(repo_root: Path, project: Path) -> list[str]:
