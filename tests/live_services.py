@@ -128,17 +128,17 @@ SEGMENT_SAMPLES = 66150  # 3 s at 22050 Hz
 
 
 def synthetic_feature_tables(
-    songs_per_genre: int, seed: int = 0, song_spread: float = 1.0
+    songs_per_genre: int, seed: int = 0, song_spread: float = 1.0, prefix: str = ""
 ) -> tuple[pd.DataFrame, ...]:
     """Synthetic clip and segment tables in the features stage's layout: each genre's songs
     scatter around the genre's centre (by `song_spread`: larger makes genres harder to tell
-    apart), each song's segments around the song."""
+    apart), each song's segments around the song. Track ids are `<prefix><genre>.000NN`."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=2.0, size=(len(GENRES), len(FEATURE_NAMES)))
     clips, segments = [], []
     for index, genre in enumerate(GENRES):
         for song in range(songs_per_genre):
-            track = f"{genre}.{song:05d}"
+            track = f"{prefix}{genre}.{song:05d}"
             song_centre = centres[index] + rng.normal(scale=song_spread, size=len(FEATURE_NAMES))
             clips.append([track, genre, SEGMENT_SAMPLES * SEGMENTS_PER_CLIP, *song_centre])
             for segment in range(SEGMENTS_PER_CLIP):
@@ -207,12 +207,17 @@ def small_project(
     songs_per_genre: int = 5,
     updates: dict[str, object] | None = None,
     song_spread: float = 1.0,
+    audio_seconds: float | None = None,
 ) -> Path:
     """A project folder the stage CLIs run in: the repository's params.yaml narrowed to
     `families` (trained, evaluated and promotable), `n_trials` each with QUICK_BUDGETS, then
     `updates`; synthetic feature tables (see `synthetic_feature_tables`), and the split written
-    by the real `split` code."""
-    from gtzan_mlops import split
+    by the real `split` code.
+
+    With `audio_seconds`, the tracks also have audio for the promote stage to play: the fetch
+    stage's synthetic demo clips of that length, under the same track ids, and the duplicates
+    stage's table of them. The feature tables stay made up: they do not describe that audio."""
+    from gtzan_mlops import duplicates, fetch, split, synthetic_demo
     from gtzan_mlops.config import load_params
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +237,23 @@ def small_project(
             **(updates or {}),
         },
     )
-    clips, segments = synthetic_feature_tables(songs_per_genre, song_spread=song_spread)
+    if audio_seconds is not None:
+        set_params(
+            params_path,
+            {
+                "data.source": "demo",
+                "data.demo.clips_per_genre": songs_per_genre,
+                "data.demo.duration_s": audio_seconds,
+            },
+        )
+        audio_params = load_params(params_path)
+        fetch.run(audio_params, folder, show_progress=False)
+        duplicates.run(audio_params, folder)
+    clips, segments = synthetic_feature_tables(
+        songs_per_genre,
+        song_spread=song_spread,
+        prefix=synthetic_demo.TRACK_PREFIX if audio_seconds is not None else "",
+    )
     features = folder / "data" / "features"
     features.mkdir(parents=True, exist_ok=True)
     clips.to_csv(features / "features_30_sec.csv", index=False)

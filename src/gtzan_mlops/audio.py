@@ -185,15 +185,17 @@ def _read_header(source: AudioSource) -> _FirstBytes:
     with _binary(source) as handle:
         wav = _wav_format(handle)
         if wav is not None:
+            # Only a known encoding is named: an unknown tag is as likely a damaged header
+            # (GTZAN's jazz.00054) as a codec, and libsndfile's reason says more then.
             name = _WAV_ENCODINGS.get(wav.tag)
-            encoding = f"{name} WAV" if name else f"WAV with format tag 0x{wav.tag:04X}"
+            encoding = f"{name} WAV" if name else None
             return _FirstBytes(encoding, wav.tag in _WAV_READABLE, False)
         handle.seek(0)
         au = _au_format(handle)
         if au is not None:
             code = au[2]
             name = _AU_ENCODINGS.get(code)
-            encoding = f"{name} AU" if name else f"AU with encoding {code}"
+            encoding = f"{name} AU" if name else None
             return _FirstBytes(encoding, code in _AU_SAMPLE_BYTES, False)
         handle.seek(0)
         if handle.read(4) == b"fLaC":

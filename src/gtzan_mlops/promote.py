@@ -344,13 +344,17 @@ def promote_winner(
     held_by = current_champion(client, name)
     if held_by is not None and held_by.tags.get("serving_fingerprint") == fingerprint:
         # A rerun with the same winner, serving code and settings: nothing new to register.
-        reason = f"the winner is already the champion (version {held_by.version})"
+        # The summary is the standing decision of that version, so a rerun changes no metric.
+        tags = held_by.tags
         return {
             **summary,
             "version": int(held_by.version),
-            "promoted": False,
-            "rule": "already_champion",
-            "reason": reason,
+            "registered": False,
+            "promoted": tags.get("promotion") == "promoted",
+            "rule": tags.get("promotion_rule", "unknown"),
+            "reason": f"the winner is already the champion (version {held_by.version}, "
+            f"registered with: {tags.get('promotion_reason', 'no reason recorded')})",
+            "served": recorded_scores(tags),
             "champion_version": int(held_by.version),
         }
     require_tools(settings.behaviour)
@@ -393,6 +397,7 @@ def promote_winner(
     return {
         **summary,
         "version": int(version.version),
+        "registered": True,
         "promoted": decision.promote,
         "rule": decision.rule,
         "reason": decision.reason,
@@ -404,6 +409,17 @@ def promote_winner(
         "require_significant": settings.require_significant,
         "previous_champion_version": previous,
         "champion_version": int(version.version) if decision.promote else previous,
+    }
+
+
+def recorded_scores(tags: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The served test score a version's tags recorded when it was registered."""
+    if "metric_name" not in tags:
+        return {}
+    return {
+        tags["metric_name"]: {
+            key: float(tags[f"metric_{key}"]) for key in ("value", "low", "high", "level")
+        }
     }
 
 
@@ -480,30 +496,32 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The DVC metrics of the stage: what was decided, for which version, on which split, and
-    the served scores, comparison and behaviour behind it."""
-    metrics: dict[str, Any] = {
+    the version's served test score with its interval. The same keys whatever the decision (a
+    rerun that registers nothing keeps them), so `dvc exp show` compares like with like; the
+    comparison and the behaviour are in reports/promote/promotion.json."""
+    served = summary["served"].get(summary["metric"], {})
+    return {
         "split": summary["split"],
         "model": summary["model"],
         "version": summary["version"],
         "promoted": summary["promoted"],
         "rule": summary["rule"],
         "champion_version": summary["champion_version"],
+        # To the tags' precision, so a rerun that reads them back reports the same numbers.
+        summary["metric"]: {
+            key: None if served.get(key) is None else round(served[key], 6)
+            for key in ("value", "low", "high")
+        },
     }
-    for name, interval in summary.get("served", {}).items():
-        metrics[name] = {key: interval[key] for key in ("value", "low", "high")}
-    comparison = summary.get("comparison")
-    if comparison:
-        metrics["difference_vs_champion"] = {
-            key: comparison["difference"][key] for key in ("value", "low", "high")
-        }
-    behaviour = summary.get("behaviour")
-    if behaviour:
-        metrics["unchanged"] = behaviour["unchanged"]
-    return metrics
 
 
 def describe(summary: dict[str, Any]) -> str:
-    verdict = "promoted to champion" if summary["promoted"] else "registered, not promoted"
+    if not summary["registered"]:
+        verdict = "nothing new to register"
+    elif summary["promoted"]:
+        verdict = "promoted to champion"
+    else:
+        verdict = "registered, not promoted"
     return (
         f"{summary['model_name']} version {summary['version']} ({summary['model']}): "
         f"{verdict}: {summary['reason']}"

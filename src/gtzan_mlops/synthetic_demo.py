@@ -58,6 +58,7 @@ _NOISE_FILTERS = {
 
 # One recipe per GTZAN genre; the contrasts (bass vs. treble, clean vs. distorted, busy vs.
 # sparse, fast vs. slow beat, noise colour) are what the 57 features pick up.
+TRACK_PREFIX = "synthetic-"  # every generated clip says what it is in its name
 SYNTHETIC_RECIPES: dict[str, SyntheticRecipe] = {
     "blues": SyntheticRecipe(
         pitch_hz=(90, 330), harmonics=7, brightness=1.1, notes_per_s=1.5, attack_s=0.02,
@@ -245,7 +246,7 @@ def generate_synthetic_demo(
         for index in range(clips_per_genre):
             rng = synthetic_rng(seed, genre, index)
             samples = synthetic_clip(genre, rng, duration_s, sample_rate)
-            path = folder / f"synthetic-{genre}.{index:05d}.wav"
+            path = folder / f"{TRACK_PREFIX}{genre}.{index:05d}.wav"
             soundfile.write(path, samples, sample_rate, subtype="PCM_16", format="WAV")
             written.append(path)
     log.info("synthetic demo: generated %d clips in %s", len(written), raw_dir / "genres")
