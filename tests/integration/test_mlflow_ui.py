@@ -268,17 +268,9 @@ def test_mlflow_ui_shows_stages_trials_comparison_and_champion(
     # Songs spread wide enough that the families score differently (the compare view must
     # show each run's own value).
     # The promote stage plays the test clips' audio to the model: the project has made-up clips
-    # for it. Its models learnt made-up features that do not describe that audio, so what they
-    # answer to it means nothing: the behavioural gate, which has tests of its own
-    # (tests/code/test_promote.py), is off here, where what counts is what the UI shows.
+    # for it (its models learnt made-up features, so what they answer means nothing here).
     project = small_project(
-        tmp_path / "project",
-        repo_root,
-        FAMILIES,
-        N_TRIALS,
-        song_spread=4.0,
-        audio_seconds=8.0,
-        updates={"promote.behaviour.min_unchanged": 0.0},
+        tmp_path / "project", repo_root, FAMILIES, N_TRIALS, song_spread=4.0, audio_seconds=8.0
     )
     env = clean_env()
     for name in ("DVC_ROOT", "DVC_EXP_NAME"):
