@@ -13,11 +13,16 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup pipeline test lint format benchmark benchmark-serve mlflow-ui clean-venv
+.PHONY: help setup pipeline test lint format benchmark benchmark-serve mlflow-ui serve listen \
+	report clean-venv
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-nodeps.lock
-	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
-	# The duplicates stage fingerprints clips with Chromaprint's fpcalc (a Debian package).
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version + ": name another interpreter with make PYTHON=/path/to/python3.11 ..."'
+	# The duplicates stage fingerprints clips with Chromaprint's fpcalc (a Debian package); the
+	# script says what it installs and runs apt-get, through sudo when not root.
 	command -v fpcalc >/dev/null || bash .ci/system-packages.sh libchromaprint-tools
 	# The promote stage's behavioural check re-encodes test clips as MP3 with lame (Debian too).
 	command -v lame >/dev/null || bash .ci/system-packages.sh lame
@@ -32,32 +37,41 @@ $(VENV)/.installed: pyproject.toml requirements.lock requirements-nodeps.lock
 	  'export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1' >> $(VENV)/bin/activate
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed ## installs everything into .venv (pinned)
 
-pipeline: setup
+pipeline: setup ## dvc repro (the synthetic demo set unless params.yaml says otherwise)
 	dvc repro
 
-test: setup
+test: setup ## the test suite (needs ../shared and .ci/system-packages.sh)
 	pytest
 
-lint: setup
+lint: setup ## ruff check and format check
 	ruff check src tests benchmarks
 	ruff format --check src tests benchmarks
 
-format: setup
+format: setup ## ruff format and fix
 	ruff format src tests benchmarks
 	ruff check --fix src tests benchmarks
 
-benchmark: setup
+benchmark: setup ## feature extraction speed (benchmarks/extract.py)
 	python benchmarks/extract.py
 
 # The served champion's latency (p50/p95 per 30 s clip) and memory; no champion yet:
 #   make benchmark-serve SERVE_ARGS=--build-demo-champion
-benchmark-serve: setup
+benchmark-serve: setup ## served model latency and memory (benchmarks/serve.py)
 	python benchmarks/serve.py $(SERVE_ARGS)
 
-mlflow-ui: setup
+mlflow-ui: setup ## the MLflow UI of mlruns/ on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) --host 127.0.0.1 --port 5000
 
-clean-venv:
+serve: setup ## mlflow models serve of the champion on 127.0.0.1:5001 (SERVE_OPTIONS=...)
+	gtzan-mlops serve $(SERVE_OPTIONS)
+
+listen: setup ## the listening page of the champion on http://127.0.0.1:5003
+	gtzan-mlops listen $(LISTEN_OPTIONS)
+
+report: setup ## the reproduction table, reports/reproduction/ (REPORT_OPTIONS=...)
+	gtzan-mlops report $(REPORT_OPTIONS)
+
+clean-venv: ## removes .venv
 	rm -rf $(VENV)
