@@ -40,7 +40,13 @@ from gtzan_mlops.champion import (
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.config import resolve_path
 from gtzan_mlops.features import FeatureSettings
-from gtzan_mlops.promotion import BehaviourResult, Comparison, Decision, decide_promotion
+from gtzan_mlops.promotion import (
+    BehaviourResult,
+    Comparison,
+    Decision,
+    decide_promotion,
+    leaked_clips,
+)
 from gtzan_mlops.records import (
     EVALUATION_FILE,
     load_family_record,
@@ -264,11 +270,8 @@ def judge(
         version = str(champion.version.version)
         theirs = champion.served.genres(clips.test)
         comparison = compare(clips, ours, theirs, version, settings.metric, settings.bootstrap)
-        test_hashes = {clip.track_id: clip.samples_sha256 for clip in clips.test}
-        leaked = (
-            sorted(t for t, h in test_hashes.items() if h in champion.training_clips)
-            if champion.training_clips is not None
-            else None
+        leaked = leaked_clips(
+            champion.training_clips, {clip.track_id: clip.samples_sha256 for clip in clips.test}
         )
     decision = decide_promotion(
         behaviour,

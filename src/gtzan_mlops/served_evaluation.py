@@ -120,37 +120,32 @@ class ServedModel:
         self.classes = tuple(python_model.spec.classes)
         self.max_rows = int(python_model.limits.max_rows)
 
+    def _request(self, payloads: Sequence[bytes]) -> list[str]:
+        """The genres of one request of `payloads`, as a client would send them."""
+        from gtzan_mlops.serving import BASE64_COLUMN, GENRE_COLUMN
+
+        encoded = [base64.b64encode(data).decode("ascii") for data in payloads]
+        answer = self.model.predict(pd.DataFrame({BASE64_COLUMN: encoded}))
+        return [str(genre) for genre in answer[GENRE_COLUMN]]
+
     def _answer(self, payloads: list[bytes], names: list[str]) -> list[str | None]:
         """One request per `max_rows` files; a refused row is answered None with a warning."""
         from mlflow.exceptions import MlflowException
 
-        from gtzan_mlops.serving import BASE64_COLUMN, GENRE_COLUMN
-
         answers: list[str | None] = []
         for start in range(0, len(payloads), self.max_rows):
             batch = payloads[start : start + self.max_rows]
-            frame = pd.DataFrame(
-                {BASE64_COLUMN: [base64.b64encode(data).decode("ascii") for data in batch]}
-            )
             try:
-                answers += [str(genre) for genre in self.model.predict(frame)[GENRE_COLUMN]]
+                answers += self._request(batch)
             except MlflowException:
                 # One bad row fails the request: ask row by row to know which.
                 for data, name in zip(batch, names[start : start + len(batch)], strict=True):
-                    answers.append(self._answer_one(data, name))
+                    try:
+                        answers += self._request([data])
+                    except MlflowException as error:
+                        log.warning("%s refused %s: %s", self.label, name, error.message)
+                        answers.append(REFUSED)
         return answers
-
-    def _answer_one(self, data: bytes, name: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        from gtzan_mlops.serving import BASE64_COLUMN, GENRE_COLUMN
-
-        frame = pd.DataFrame({BASE64_COLUMN: [base64.b64encode(data).decode("ascii")]})
-        try:
-            return str(self.model.predict(frame)[GENRE_COLUMN].iloc[0])
-        except MlflowException as error:
-            log.warning("%s refused %s: %s", self.label, name, error.message)
-            return REFUSED
 
     def genres(
         self, clips: Sequence[Clip], progress: Callable[[int], None] | None = None

@@ -393,3 +393,25 @@ def test_promotion_settings_from_params(repo_root):
     assert settings.limits == serving_limits(max_upload_mib=5.0)
     assert settings.behaviour.min_unchanged == params["promote"]["behaviour"]["min_unchanged"]
     assert settings.bootstrap.n_resamples == params["uncertainty"]["n_resamples"]
+
+
+def test_a_refused_clip_is_answered_none_and_the_others_still_count(audio_clips):
+    """One bad file fails its whole request: the clips are then asked one by one, and only the
+    refused one is None (wrong, and changed, wherever it is counted)."""
+    from mlflow.exceptions import MlflowException
+
+    from gtzan_mlops.served_evaluation import REFUSED, ServedModel
+
+    class Refusing(PitchModel):
+        def predict(self, frame):
+            if any(len(text) < 100 for text in frame["audio_base64"]):
+                raise MlflowException("row 0: not decodable as audio")
+            return super().predict(frame)
+
+    served = ServedModel(Refusing(max_rows=4), "stand-in")
+    payloads = [clip.path.read_bytes() for clip in audio_clips.test[:3]]
+    payloads.insert(1, b"not audio")
+    answers = served._answer(payloads, ["a", "bad", "b", "c"])
+    assert answers[1] is REFUSED
+    expected = [clip.genre for clip in audio_clips.test[:3]]
+    assert [answers[0], *answers[2:]] == expected
