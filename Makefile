@@ -13,7 +13,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: help setup pipeline test lint format benchmark benchmark-serve mlflow-ui serve listen \
+.PHONY: help setup pipeline test lint format benchmark benchmark-serve benchmark-load \
+	mlflow-ui serve listen \
 	report clean-venv
 
 help: ## this list
@@ -61,10 +62,15 @@ benchmark: setup ## feature extraction speed (benchmarks/extract.py)
 benchmark-serve: setup ## served model latency and memory (benchmarks/serve.py)
 	python benchmarks/serve.py $(SERVE_ARGS)
 
+# Memory, 429s and latency of the served champion under 1, 4 and 8 clients of 30 s clips and
+# 10-minute songs, with decompression bombs (benchmarks/serve_load.py; needs a champion).
+benchmark-load: setup ## served champion under load: memory, 429s, latency
+	python benchmarks/serve_load.py --bombs $(SERVE_LOAD_ARGS)
+
 mlflow-ui: setup ## the MLflow UI of mlruns/ on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) --host 127.0.0.1 --port 5000
 
-serve: setup ## mlflow models serve of the champion on 127.0.0.1:5001 (SERVE_OPTIONS=...)
+serve: setup ## the champion on MLflow's scoring app, guarded, 127.0.0.1:5001 (SERVE_OPTIONS=...)
 	gtzan-mlops serve $(SERVE_OPTIONS)
 
 listen: setup ## the listening page of the champion on http://127.0.0.1:5003

@@ -21,7 +21,7 @@ COMMANDS = {
     "evaluate": ("gtzan_mlops.evaluate", "evaluate the trained models on the held-out test set"),
     "promote": ("gtzan_mlops.promote", "register the best model and move the champion alias"),
     "predict": ("gtzan_mlops.predict", "classify audio files with the champion model"),
-    "serve": ("gtzan_mlops.serve", "serve the champion with `mlflow models serve`"),
+    "serve": ("gtzan_mlops.serve", "serve the champion on MLflow's scoring app, guarded"),
     "listen": ("gtzan_mlops.listen", "a local page to try the champion on a song"),
     "report": ("gtzan_mlops.report", "reproduce the published accuracy table, honestly split"),
 }

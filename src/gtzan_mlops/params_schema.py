@@ -279,6 +279,9 @@ class Serving(Section):
     max_decoded_mib: Annotated[Float, Field(gt=0)]
     max_segments: Positive
     max_concurrent_decodes: Positive
+    max_queue_wait_s: Annotated[Float, Field(ge=0)]
+    request_timeout_s: Annotated[Float, Field(gt=0)]
+    musicnn_batch_size: Positive
     allow_audio_path: StrictBool
     audio_root: Path | None
 
@@ -336,11 +339,17 @@ class FeatureResources(Section):
     musicnn_batch_size: Positive
 
 
+class ServeResources(Section):
+    malloc_arena_max: Positive
+    malloc_mmap_threshold_kib: Positive
+
+
 class Resources(Section):
     fetch: Workers
     duplicates: Workers
     features: FeatureResources
     train: Annotated[Workers, Field(description="Optuna worker processes per stage")]
+    serve: ServeResources
 
 
 class Params(Section):

@@ -1,8 +1,10 @@
-"""`gtzan-mlops serve`: the champion behind `mlflow models serve`, from any shell.
+"""`gtzan-mlops serve`: the champion on MLflow's scoring server, guarded, from any shell.
 
-MLflow's scoring server starts `uvicorn` by name, so `mlflow models serve` fails with
-"uvicorn: not found" unless this environment's scripts are on PATH; this command puts them
-there, points MLflow at the project's store and runs the real `mlflow models serve`.
+`mlflow models serve --env-manager local` runs uvicorn on MLflow's scoring app; this command runs
+uvicorn on the same app inside the project's request guard (serving_app.build_app: JSON only,
+bounded bodies, early 429s, time from arrival, no traces), on the project's store. It starts
+uvicorn by this environment's path, so it works in a fresh shell (a bare `mlflow models serve`
+fails with "uvicorn: not found" unless the environment's scripts are on PATH).
 """
 
 from __future__ import annotations
@@ -12,33 +14,31 @@ import os
 import sys
 from pathlib import Path
 
-from gtzan_mlops.config import ConfigError, add_model_arguments, params_file
+from gtzan_mlops.config import ConfigError, add_model_arguments, load_params, params_file
 
 
-def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
+def serve_command(host: str, port: int, workers: int) -> list[str]:
+    """uvicorn on the guarded scoring app, which loads the model named in SERVED_MODEL_ENV."""
     return [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        model_uri,
-        "--env-manager",
-        "local",
-        "-h",
+        str(Path(sys.executable).parent / "uvicorn"),
+        "--factory",
+        "gtzan_mlops.serving_app:build_app",
+        "--host",
         host,
-        "-p",
+        "--port",
         str(port),
-        "-w",
+        "--workers",
         str(workers),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     from gtzan_mlops import tracking
+    from gtzan_mlops.serving_app import SERVED_MODEL_ENV
 
     parser = argparse.ArgumentParser(
         prog="gtzan-mlops serve",
-        description="Serve the champion (or --model) with `mlflow models serve` on loopback.",
+        description="Serve the champion (or --model), guarded, on loopback.",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params_path = params_file(args)
+        allocator = load_params(params_path)["resources"]["serve"]
+    except ConfigError as error:
+        print(f"gtzan-mlops serve: {error}", file=sys.stderr)
+        return 2
+    try:
         model_uri = tracking.chosen_model_uri(args)
     except ConfigError as error:
         print(f"gtzan-mlops serve: {error}; pass --model", file=sys.stderr)
@@ -61,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         # The project's store (mlruns/mlflow.db) unless MLFLOW_TRACKING_URI says otherwise.
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(params_path.resolve().parent),
+        SERVED_MODEL_ENV: model_uri,
     }
-    command = serve_command(model_uri, args.host, args.port, args.workers)
+    environment.setdefault("MALLOC_ARENA_MAX", str(allocator["malloc_arena_max"]))
+    mmap_threshold = str(allocator["malloc_mmap_threshold_kib"] * 1024)
+    environment.setdefault("MALLOC_MMAP_THRESHOLD_", mmap_threshold)
+    command = serve_command(args.host, args.port, args.workers)
     print(f"gtzan-mlops serve: {model_uri} on http://{args.host}:{args.port}", flush=True)
     os.execve(command[0], command, environment)

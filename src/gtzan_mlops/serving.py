@@ -37,15 +37,17 @@ overridable at serve time, e.g. `SERVING_MODEL_CONFIG='{"max_rows": 4}' mlflow m
 rows per request and their total size; per file its encoded size, and from its header, before
 anything is decoded, its channels, sample rate, duration and decoded size. Files are decoded in
 blocks and down-mixed as read, and at most `max_concurrent_decodes` rows are decoded and
-classified at once per server process (MLflow runs each request in a thread of its own). The
-request body itself is read whole by MLflow's scoring server before any of this: its size must
-be bounded by a proxy in front (deploy/nginx.conf).
+classified at once per server process, in the model's own long-lived threads (MLflow runs each
+request in a thread of its own). The request body itself is read whole by MLflow's scoring
+server before any of this: `gtzan-mlops serve` bounds it, and admits requests, in the app
+(serving_app.py); in front of a bare `mlflow models serve`, a proxy must (deploy/nginx.conf).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
@@ -56,6 +58,8 @@ import stat
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -102,6 +106,12 @@ MUSICNN_ARTIFACT = "musicnn_weights"
 SERVING_MODEL_NAME = "serving_model"  # the logged model's name inside its run
 BEFORE_LOUDNESS = {"loudness_target_dbfs": None, "loudness_max_gain_db": 0.0}
 BEFORE_MAX_PEAK = {"max_peak": math.inf}
+# A model logged before admission existed waited for a slot as long as MLflow's default request
+# timeout allowed, and ran until then.
+BEFORE_ADMISSION = {"max_queue_wait_s": 60.0, "request_timeout_s": 60.0}
+# Set in the request's context by the served app's guard (serving_app.py) when the request
+# arrives: the model's time budget runs from then, not from when MLflow has parsed the body.
+REQUEST_ARRIVAL: ContextVar[float | None] = ContextVar("gtzan_request_arrival", default=None)
 
 _log = logging.getLogger(__name__)
 
@@ -239,9 +249,9 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """What one request may cost and read (params `serving`; the quality gates from `data`,
-    the musicnn batch from `resources.features`). Stored as the model config of the served
-    model, so every field can be overridden at serve time."""
+    """What one request may cost and read (params `serving`; the quality gates from `data`).
+    Stored as the model config of the served model, so every field can be overridden at serve
+    time."""
 
     max_rows: int  # songs per request
     max_request_mib: float  # their encoded audio together
@@ -252,12 +262,14 @@ class ServingLimits:
     max_decoded_mib: float  # frames x channels as float32, from the header
     max_segments: int  # segments analysed per song; beyond it, evenly spaced excerpts
     max_concurrent_decodes: int  # rows decoded and classified at once, per server process
+    max_queue_wait_s: float  # longest wait for a slot, from arrival, before a 429
+    request_timeout_s: float  # a request's whole time budget, from arrival; then its work stops
     allow_audio_path: bool
     audio_root: str | None  # the only folder audio_path may read (symlinks resolved)
+    musicnn_batch_size: int  # patches per MSD_musicnn pass: its activations' memory
     min_duration_s: float
     silence_peak: float
     max_peak: float
-    musicnn_batch_size: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ServingLimits:
@@ -266,7 +278,6 @@ class ServingLimits:
             "min_duration_s",
             "silence_peak",
             "max_peak",
-            "musicnn_batch_size",
         }
         unknown = sorted(set(serving) - known)
         if unknown:
@@ -277,7 +288,6 @@ class ServingLimits:
             "min_duration_s": data["min_duration_s"],
             "silence_peak": data["silence_peak"],
             "max_peak": data["max_peak"],
-            "musicnn_batch_size": section(params, "resources.features.musicnn_batch_size"),
         }
         try:
             return cls.from_config(values)
@@ -287,8 +297,8 @@ class ServingLimits:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ServingLimits:
         """From a model config (or params), every field required and of its type."""
-        # A model logged before the max_peak gate existed keeps serving without it.
-        config = {**BEFORE_MAX_PEAK, **config}
+        # A model logged before the max_peak gate or admission existed keeps serving as it did.
+        config = {**BEFORE_MAX_PEAK, **BEFORE_ADMISSION, **config}
         values: dict[str, Any] = {}
         for field in fields(cls):
             if field.name not in config:
@@ -310,6 +320,8 @@ class ServingLimits:
         for name in ("max_rows", "max_segments", "max_concurrent_decodes", "musicnn_batch_size"):
             if values[name] < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if values["request_timeout_s"] <= 0:
+            raise ValueError("request_timeout_s must be above 0")
         if values["allow_audio_path"] and values["audio_root"] is None:
             raise ValueError("allow_audio_path needs an audio_root to read from")
         return cls(**values)
@@ -432,14 +444,17 @@ class ServerBusy(RequestTimeout):
     """No decoding slot came free before the request's timeout (HTTP 429)."""
 
 
-def _request_deadline() -> float | None:
-    """When the scoring server gives up on a request (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
-    set by `mlflow models serve`): work on it stops then rather than running on unseen."""
-    seconds = os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
-    try:
-        return time.monotonic() + float(seconds) if seconds else None
-    except ValueError:
-        return None
+def request_deadline(request_timeout_s: float) -> float:
+    """When work on the current request stops (time.monotonic()): `request_timeout_s` after it
+    arrived at the served app's guard (REQUEST_ARRIVAL), else after now, and never later than
+    the scoring server's own timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, which
+    `mlflow models serve` sets): past it the client has its 504, and nobody reads the answer."""
+    arrival = REQUEST_ARRIVAL.get()
+    budget = request_timeout_s
+    scoring_timeout = os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
+    with contextlib.suppress(ValueError):
+        budget = min(budget, float(scoring_timeout)) if scoring_timeout else budget
+    return (time.monotonic() if arrival is None else arrival) + budget
 
 
 _PATH_REFUSAL = (
@@ -502,6 +517,14 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
         except ValueError as error:
             raise MlflowException(f"the served model's config: {error}") from None
         self._decoding = threading.BoundedSemaphore(self.limits.max_concurrent_decodes)
+        # Songs are decoded and classified in this many long-lived threads, not in whichever of
+        # MLflow's request threads asked: TensorFlow's oneDNN keeps a scratch pool per thread
+        # that has run the musicnn network (about 95 MiB per patch of a batch, never returned),
+        # and glibc an arena, so the server's memory is bounded by the slots, not by how many
+        # threads MLflow's pool has used.
+        self._workers = ThreadPoolExecutor(
+            self.limits.max_concurrent_decodes, thread_name_prefix="gtzan-classify"
+        )
         # The checkpoint logged with the model (the folder holding its ".index" file).
         weights = context.artifacts.get(MUSICNN_ARTIFACT)
         self.musicnn_weights = Path(weights) if weights else None
@@ -572,32 +595,41 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
 
     def _classify(self, row: _Row, deadline: float | None) -> tuple[list[SegmentResult], str]:
         """Decode and classify one row, at most max_concurrent_decodes at once; its warning."""
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._decoding.acquire(timeout=-1 if wait is None else wait):
+        # A slot must come free within max_queue_wait_s (and before the deadline).
+        wait = self.limits.max_queue_wait_s
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+        if not self._decoding.acquire(timeout=max(0.0, wait)):
             raise ServerBusy("the server is busy: too many songs are being decoded; retry later")
         try:
-            with row.open() as handle:
-                decoded = decode_audio(handle, row.name, self.limits.decode)
-            problems = quality_problems(
-                decoded.duration_s, decoded.peak, decoded.truncation, self.limits.gates
-            )
-            refused = [problem for problem in problems if problem.kind != "truncated"]
-            if refused:
-                raise ValueError(f"{row.name}: {refused[0].message}")
-            warning = "; ".join(problem.message for problem in problems)
-            segments = classify_song(
-                self.classifier,
-                self.spec,
-                decoded.waveform,
-                decoded.sample_rate,
-                self.limits.max_segments,
-                self.musicnn_weights,
-                self.limits.musicnn_batch_size,
-                deadline,
-            )
-            return segments, warning
+            return self._workers.submit(self._decode_and_classify, row, deadline).result()
         finally:
             self._decoding.release()
+
+    def _decode_and_classify(
+        self, row: _Row, deadline: float | None
+    ) -> tuple[list[SegmentResult], str]:
+        """In one of the model's own worker threads: decode, check and classify one row."""
+        with row.open() as handle:
+            decoded = decode_audio(handle, row.name, self.limits.decode)
+        problems = quality_problems(
+            decoded.duration_s, decoded.peak, decoded.truncation, self.limits.gates
+        )
+        refused = [problem for problem in problems if problem.kind != "truncated"]
+        if refused:
+            raise ValueError(f"{row.name}: {refused[0].message}")
+        warning = "; ".join(problem.message for problem in problems)
+        segments = classify_song(
+            self.classifier,
+            self.spec,
+            decoded.waveform,
+            decoded.sample_rate,
+            self.limits.max_segments,
+            self.musicnn_weights,
+            self.limits.musicnn_batch_size,
+            deadline,
+        )
+        return segments, warning
 
     def predict(
         self,
@@ -649,7 +681,7 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):
                     f"the request's audio, about {total_mib:.1f} MiB, exceeds the limit of "
                     f"{limits.max_request_mib:g} MiB per request"
                 )
-        deadline = _request_deadline()
+        deadline = request_deadline(limits.request_timeout_s)
 
         # Every row is checked from its header before any is decoded, so one request reports
         # all of its bad rows at once, and cheaply.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import librosa
@@ -420,9 +423,11 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
     model = mlflow.pyfunc.load_model(served[0], model_config={"max_concurrent_decodes": 2})
     active, most, lock = [0], [0], threading.Lock()
     real_decode = serving.decode_audio
+    workers: set[str] = set()
 
     def slow_decode(*args, **kwargs):
         with lock:
+            workers.add(threading.current_thread().name)
             active[0] += 1
             most[0] = max(most[0], active[0])
         time.sleep(0.3)
@@ -440,6 +445,9 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
     for thread in threads:
         thread.join()
     assert most[0] == 2
+    # Five request threads, but the songs were decoded (and classified) in the model's own two
+    # long-lived threads, whose per-thread memory (TensorFlow's, glibc's) is bounded by them.
+    assert len(workers) == 2 and all(name.startswith("gtzan-classify") for name in workers)
 
 
 def test_work_stops_at_the_servers_request_timeout(served, clip, monkeypatch):
@@ -558,20 +566,25 @@ def test_song_windows_cover_the_song_then_space_out():
     assert len(spaced) == 10 and spaced[0] == (0, 30_000) and spaced[-1] == (3_570_000, 3_600_000)
 
 
+def _concatenated_song(gtzan_mini: Path, genres: list[str]) -> str:
+    """The base64 FLAC of real 30 s clips back to back, one of each genre listed in turn (the
+    n-th clip of a genre is its n-th file, cycling)."""
+    parts = []
+    for position, genre in enumerate(genres):
+        files = sorted((gtzan_mini / "genres" / genre).glob("*.wav"))
+        index = genres[:position].count(genre) % len(files)
+        parts.append(load_waveform(files[index], 22050)[: 30 * 22050])
+    song = io.BytesIO()
+    soundfile.write(song, np.concatenate(parts), 22050, format="FLAC")
+    return base64.b64encode(song.getvalue()).decode()
+
+
 def test_a_long_song_of_two_genres_shows_both_on_its_timeline(served, gtzan_mini):
     """Three classical clips then three metal clips as one 3 min song: the answer covers the
     whole song and the timeline shows where it changes."""
     model = mlflow.pyfunc.load_model(served[0], model_config={"max_upload_mib": 20})
-    parts = [
-        load_waveform(gtzan_mini / "genres" / genre / f"{genre}.{index:05d}.wav", 22050)[
-            : 30 * 22050
-        ]
-        for genre in ("classical", "metal")
-        for index in (0, 1, 2)
-    ]
-    song = io.BytesIO()
-    soundfile.write(song, np.concatenate(parts), 22050, format="FLAC")
-    rows = pd.DataFrame({BASE64_COLUMN: [base64.b64encode(song.getvalue()).decode()]})
+    song = _concatenated_song(gtzan_mini, ["classical"] * 3 + ["metal"] * 3)
+    rows = pd.DataFrame({BASE64_COLUMN: [song]})
 
     plain = model.predict(rows)
     assert list(plain.columns) == output_columns(GENRES)  # no timeline unless asked
@@ -692,25 +705,42 @@ def test_the_nginx_proxy_bounds_the_body_before_the_model_server(
             assert _status_of_headers_only(proxy_port, 300 * 2**20) == 413
             assert _status_of_headers_only(proxy_port, limit + 1) == 413
             assert requests.get(f"{url}/version", timeout=5).status_code == 404
+            # Only JSON passes: a parquet bomb or CSV never reaches MLflow's parsers.
+            for content_type, body in [
+                ("application/x-parquet", _parquet_bomb(rows=8, mib_per_row=4)),
+                ("text/csv", b'audio_base64\n"UklGR'),
+                ("application/json-seq", b"{}"),
+            ]:
+                refused = requests.post(
+                    f"{url}/invocations", data=body, headers={"Content-Type": content_type}
+                )
+                assert refused.status_code == 415, (content_type, refused.text)
+                assert refused.json()["message"].startswith("the body must be JSON")
+            charset = {"Content-Type": "application/json; charset=utf-8"}
+            with_charset = requests.post(f"{url}/invocations", json=good, headers=charset)
+            assert with_charset.json() == answer.json()
             assert _post(f"{url}/invocations", good).json() == answer.json()
         finally:
             stop_process(proxy)
             log.close()
 
 
-@pytest.mark.slow
-@pytest.mark.network
-def test_gtzan_mlops_serve_works_from_a_fresh_shell(served, store, clip, tmp_path):
-    """The README's serve command with only the system's PATH (no activated environment)."""
+@contextlib.contextmanager
+def _gtzan_serve(
+    model_uri: str, store: str, log_path: Path, model_config: dict | None = None
+) -> Iterator[str]:
+    """`gtzan-mlops serve` (the guarded scoring app) with only the system's PATH, as from a
+    fresh shell; yields its base URL and stops it whatever happens."""
     import subprocess
     import sys
 
     from live_services import free_port, stop_process, wait_until_serving
 
     port = free_port()
-    command = [str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", served[0]]
+    command = [str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", model_uri]
     env = clean_env(MLFLOW_TRACKING_URI=store, PATH="/usr/bin:/bin")
-    log_path = tmp_path / "serve.log"
+    if model_config:
+        env["SERVING_MODEL_CONFIG"] = json.dumps(model_config)
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*command, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -718,7 +748,96 @@ def test_gtzan_mlops_serve_works_from_a_fresh_shell(served, store, clip, tmp_pat
         )  # fmt: skip
         try:
             wait_until_serving(f"http://127.0.0.1:{port}", process, log_path)
-            good = {"dataframe_split": {"columns": [BASE64_COLUMN], "data": [[_base64(clip)]]}}
-            assert _post(f"http://127.0.0.1:{port}/invocations", good).status_code == 200
+            yield f"http://127.0.0.1:{port}"
         finally:
             stop_process(process)
+
+
+def _parquet_bomb(rows: int, mib_per_row: int) -> bytes:
+    """A parquet file of `rows` strings of `mib_per_row` MiB each, compressed to a few KiB."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array(["A" * (mib_per_row * 2**20)] * rows)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({BASE64_COLUMN: column}), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_gtzan_mlops_serve_refuses_hostile_bodies_small_and_plain(served, store, clip, tmp_path):
+    """The README's serve command, from a fresh shell: a good request is answered; bodies MLflow
+    would expand, echo or answer with a trace are refused before it parses them, in a few
+    hundred bytes."""
+    good = {"dataframe_split": {"columns": [BASE64_COLUMN], "data": [[_base64(clip)]]}}
+    bomb = _parquet_bomb(rows=8, mib_per_row=4)
+    assert len(bomb) < 64 * 2**10
+    hostile = {
+        "parquet bomb": (bomb, "application/x-parquet", 415, "the body must be JSON"),
+        "csv, unterminated quote": (b'audio_base64\n"UklGR', "text/csv", 415, "must be JSON"),
+        "60 MiB of malformed JSON": (
+            b'{"dataframe_split": ' + b"A" * (60 * 2**20), "application/json", 400,
+            "not valid JSON: Expecting value at line 1 column 21",
+        ),
+        "20 MiB of non-UTF-8": (b"\xff" * (20 * 2**20), "application/json", 400, "not UTF-8"),
+        "JSON 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "deeply"),
+        "a bad params value": (
+            json.dumps({**good, "params": {"timeline": "A" * 10_000}}).encode(),
+            "application/json", 400, "params.timeline must be a JSON boolean",
+        ),
+    }  # fmt: skip
+    with _gtzan_serve(served[0], store, tmp_path / "serve.log") as base:
+        url = f"{base}/invocations"
+        answer = _post(url, good)
+        assert answer.status_code == 200, answer.text
+        for case, (body, content_type, status, message) in hostile.items():
+            response = requests.post(
+                url, data=body, headers={"Content-Type": content_type}, timeout=60
+            )
+            assert response.status_code == status, (case, response.text[:300])
+            assert message in response.json()["message"], case
+            assert len(response.content) < 400, case  # no echo, no trace, no path
+            assert "stack_trace" not in response.text
+            assert not re.search(r"/[\w.-]+/", response.text), case  # no server path
+        assert _post(url, good).json() == answer.json()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_gtzan_mlops_serve_refuses_early_under_overload_and_stops_late_work(
+    served, store, gtzan_mini, tmp_path
+):
+    """With one slot: a long song holds it past its time budget and gets the model's 503 (not
+    MLflow's 504, which comes later), while the requests behind it get 429 with Retry-After as
+    soon as their queue wait runs out, not when the slot frees."""
+    import concurrent.futures
+    import time
+
+    song = _concatenated_song(gtzan_mini, ["classical"] * 10)  # 5 min: ~10 windows of work
+    body = {"dataframe_split": {"columns": [BASE64_COLUMN], "data": [[song]]}}
+    config = {
+        "max_concurrent_decodes": 1,
+        "max_queue_wait_s": 0.5,
+        "request_timeout_s": 1.5,
+        "max_upload_mib": 50,
+    }
+    with _gtzan_serve(served[0], store, tmp_path / "serve.log", config) as base:
+        url = f"{base}/invocations"
+
+        def timed_post(delay_s: float) -> tuple[requests.Response, float]:
+            time.sleep(delay_s)
+            started = time.monotonic()
+            return _post(url, body), time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(timed_post, 0.0)
+            behind = [pool.submit(timed_post, 0.2) for _ in range(2)]
+            (late, late_s), refused = first.result(), [f.result() for f in behind]
+        assert late.status_code == 503, late.text
+        assert "longer than the server's request timeout" in late.json()["message"]
+        assert late_s < 3.0  # MLflow's backstop is 2 x 1.5 s
+        for response, seconds in refused:
+            assert response.status_code == 429, response.text
+            assert int(response.headers["Retry-After"]) >= 1
+            assert seconds < 1.4  # at the end of the 0.5 s wait, not when the slot frees
