@@ -134,12 +134,19 @@ class Pca(Section):
 # --- split ----------------------------------------------------------------------------------
 
 
+Sha256 = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class ArtistFiltered(Section):
     level: Literal["clip", "segment"]
     lists_dir: Path | None
     url: StrictStr
     download_dir: Path
     timeout_s: Annotated[Float, Field(gt=0)]
+    sha256: (
+        dict[Literal["train_filtered.txt", "valid_filtered.txt", "test_filtered.txt"], Sha256]
+        | None
+    )
 
 
 class Split(Section):

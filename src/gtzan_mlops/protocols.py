@@ -29,7 +29,7 @@ class ProtocolSettings:
     reference_table: Path
     segments_table: Path
     lists_dir: Path | None  # None: download the lists (split.artist_filtered.url)
-    download: dict[str, Any]  # url, download_dir, timeout_s of split.artist_filtered
+    download: dict[str, Any]  # url, download_dir, timeout_s, sha256 of split.artist_filtered
     seeds: list[int]
     test_size: float
     classes: list[str]
@@ -130,6 +130,7 @@ def artist_lists(settings: ProtocolSettings) -> tuple[dict[str, list[str]], str]
         str(settings.download["url"]),
         settings.download["download_dir"],
         settings.download["timeout_s"],
+        settings.download["sha256"],
     )
     return split_strategies.read_filtered_lists(folder), str(folder)
 

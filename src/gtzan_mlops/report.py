@@ -161,6 +161,7 @@ class ReportSettings:
                 "url": filtered["url"],
                 "download_dir": resolve_path(filtered["download_dir"], root),
                 "timeout_s": float(filtered["timeout_s"]),
+                "sha256": filtered["sha256"],
             },
             seeds=list(dict.fromkeys(seeds)),
             test_size=test_size,

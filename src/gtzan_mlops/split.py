@@ -128,6 +128,7 @@ def make_split(
                 str(filtered["url"]),
                 resolve_path(filtered["download_dir"], root),
                 float(filtered["timeout_s"]),
+                filtered["sha256"],
             )
         assignments, missing, unlisted = assign_filtered(clips, read_filtered_lists(folder))
         n_missing = sum(map(len, missing.values()))

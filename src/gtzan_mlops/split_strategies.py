@@ -8,6 +8,7 @@ the stratified ones keep a song, its artist's songs and its duplicates on one si
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,16 +161,21 @@ def read_filtered_lists(folder: Path) -> dict[str, list[str]]:
     return lists
 
 
-def download_filtered_lists(base_url: str, folder: Path, timeout_s: float) -> Path:
-    """Fetch the three list files from `base_url` into `folder` (once); returns `folder`."""
+def download_filtered_lists(
+    base_url: str, folder: Path, timeout_s: float, sha256: dict[str, str] | None
+) -> Path:
+    """Fetch the three list files from `base_url` into `folder` (once); returns `folder`. With
+    `sha256` (file name -> digest), a download or an earlier one whose content differs is
+    refused: the lists decide which clips are test clips."""
     import requests
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in LIST_FILES.values():
         target = folder / name
-        if target.is_file():
-            continue
         url = f"{base_url.rstrip('/')}/{name}"
+        if target.is_file():
+            _check_digest(target.read_bytes(), sha256, name, str(target))
+            continue
         try:
             response = requests.get(url, timeout=timeout_s)
             response.raise_for_status()
@@ -178,10 +184,23 @@ def download_filtered_lists(base_url: str, folder: Path, timeout_s: float) -> Pa
                 f"{url}: could not download the artist-filtered list ({error}); download "
                 f"train/valid/test_filtered.txt by hand and set split.artist_filtered.lists_dir"
             ) from error
+        _check_digest(response.content, sha256, name, url)
         partial = target.with_suffix(".part")
-        partial.write_text(response.text, encoding="utf-8")
+        partial.write_bytes(response.content)
         partial.replace(target)
     return folder
+
+
+def _check_digest(content: bytes, sha256: dict[str, str] | None, name: str, where: str) -> None:
+    if sha256 is None:
+        return
+    found = hashlib.sha256(content).hexdigest()
+    if found != sha256[name]:
+        raise ConfigError(
+            f"{where}: sha256 {found} is not the published list's {sha256[name]} "
+            "(split.artist_filtered.sha256); delete it to download it again, or set sha256 to "
+            "null to use lists of your own"
+        )
 
 
 def assign_filtered(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -220,23 +222,54 @@ def test_artist_filtered_lists_on_the_real_clips(gtzan_mini, shared_dir, tmp_pat
     assert set(missing["test"]).isdisjoint(tracks["track_id"])
 
 
-def test_artist_filtered_lists_are_downloaded_when_no_folder_is_given(shared_dir, tmp_path):
-    lists_dir = shared_dir / "data" / "gtzan_splits"
-    handler = partial(SimpleHTTPRequestHandler, directory=str(lists_dir))
+def _serve_folder(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_artist_filtered_lists_are_downloaded_when_no_folder_is_given(shared_dir, tmp_path):
+    lists_dir = shared_dir / "data" / "gtzan_splits"
+    published = project_params()["split"]["artist_filtered"]["sha256"]
+    server, url = _serve_folder(lists_dir)
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        folder = split_strategies.download_filtered_lists(url, tmp_path / "lists", timeout_s=10)
+        folder = split_strategies.download_filtered_lists(
+            url, tmp_path / "lists", timeout_s=10, sha256=published
+        )
         assert split_strategies.read_filtered_lists(folder) == split_strategies.read_filtered_lists(
             lists_dir
         )
         with pytest.raises(ConfigError, match="could not download"):
             split_strategies.download_filtered_lists(
-                f"{url}/nowhere", tmp_path / "other", timeout_s=10
+                f"{url}/nowhere", tmp_path / "other", timeout_s=10, sha256=published
             )
     finally:
         server.shutdown()
+
+
+def test_lists_that_differ_from_the_published_ones_are_refused(shared_dir, tmp_path):
+    published = project_params()["split"]["artist_filtered"]["sha256"]
+    altered = tmp_path / "served"
+    shutil.copytree(shared_dir / "data" / "gtzan_splits", altered)
+    with (altered / "test_filtered.txt").open("a") as listing:
+        listing.write("blues/blues.00000.wav\n")  # one more test clip than published
+    server, url = _serve_folder(altered)
+    try:
+        with pytest.raises(ConfigError, match=r"test_filtered.txt: sha256 [0-9a-f]{64} is not"):
+            split_strategies.download_filtered_lists(
+                url, tmp_path / "lists", timeout_s=10, sha256=published
+            )
+        assert not (tmp_path / "lists" / "test_filtered.txt").exists()  # nothing kept
+        # Lists of one's own: no check.
+        split_strategies.download_filtered_lists(url, tmp_path / "own", timeout_s=10, sha256=None)
+    finally:
+        server.shutdown()
+    # An earlier download changed on disk is refused too, before it is used.
+    with pytest.raises(ConfigError, match="delete it to download it again"):
+        split_strategies.download_filtered_lists(
+            "http://127.0.0.1:9", tmp_path / "own", timeout_s=10, sha256=published
+        )
 
 
 def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
