@@ -43,16 +43,23 @@ setup: $(VENV)/.installed ## installs everything into .venv (pinned)
 pipeline: setup ## dvc repro (the synthetic demo set unless params.yaml says otherwise)
 	dvc repro
 
+# Two pytest-xdist workers, a test file at a time, longest files first (tests/conftest.py): the
+# end-to-end pipeline on one, the rest on the other; then the tests with wall-clock bounds
+# (marker `timing`) alone. Both parts run even if the first fails. docs/testing.md has the times.
+TEST_WORKERS ?= 2
 test: setup ## the test suite (needs ../shared and .ci/system-packages.sh)
-	pytest
+	status=0; \
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not timing" || status=$$?; \
+	pytest -m timing || status=$$?; \
+	exit $$status
 
 lint: setup ## ruff check and format check
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+	ruff check src tests benchmarks tools
+	ruff format --check src tests benchmarks tools
 
 format: setup ## ruff format and fix
-	ruff format src tests benchmarks
-	ruff check --fix src tests benchmarks
+	ruff format src tests benchmarks tools
+	ruff check --fix src tests benchmarks tools
 
 benchmark: setup ## feature extraction speed (benchmarks/extract.py)
 	python benchmarks/extract.py

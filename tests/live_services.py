@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -28,11 +29,38 @@ from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings
 SERVER_START_TIMEOUT_S = 180
 
 
+# free_port hands out ports below Linux's ephemeral range (32768-60999), so that no outgoing
+# connection or bind(0) of any process takes one between the choice and the server's own bind,
+# and each pytest-xdist worker (gw0, gw1, ...) its own block, so that two workers never choose
+# the same port for servers they start at the same time. A port is handed out once per process.
+PORT_BLOCK_START, PORT_BLOCK_SIZE, PORT_BLOCKS = 20000, 500, 25
+_handed_out: set[int] = set()
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3" under xdist, unset serially
+    index = int(worker[2:]) + 1 if worker[2:].isdigit() else 0
+    start = PORT_BLOCK_START + (index % PORT_BLOCKS) * PORT_BLOCK_SIZE
+    return range(start, start + PORT_BLOCK_SIZE)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, from this test process's own
+    block of ports (see PORT_BLOCK_START), never one it handed out before."""
+    block = _port_block()
+    offset = random.randrange(len(block))  # another pytest session on the machine starts elsewhere
+    for step in range(len(block)):
+        port = block[(offset + step) % len(block)]
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port left in {block.start}-{block.stop - 1}")
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
@@ -69,8 +97,10 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 20) -> None:
         process.wait(timeout=timeout_s)
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
-    """Poll the server's health endpoint until it answers 200; fail with its log if it exits."""
+def wait_until_serving(
+    url: str, process: subprocess.Popen, log: Path, health: str = "/health"
+) -> None:
+    """Poll the server's `health` endpoint until it answers 200; fail with its log if it exits."""
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -79,7 +109,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
                 f"{log.read_text(errors='replace')[-5000:]}"
             )
         with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+            if requests.get(f"{url}{health}", timeout=5).status_code == 200:
                 return
         time.sleep(0.5)
     raise AssertionError(
@@ -388,3 +418,61 @@ def chromium_page(tmp_path: Path, timeout_ms: float = 60_000) -> Iterator:
             yield page
         finally:
             context.close()
+
+
+# --- a throwaway S3-compatible server (moto) on 127.0.0.1 --------------------------------------
+
+# Fake credentials for moto: clients read them from the environment only (never ~/.aws), and
+# no client asks the EC2 metadata service for credentials or a region.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    # Paths that never exist (dvc-s3 and botocore skip a missing file): no ~/.aws settings.
+    "AWS_CONFIG_FILE": "/dev/null/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null/aws-credentials",
+}
+
+
+@contextlib.contextmanager
+def s3_server(log: Path) -> Iterator[str]:
+    """moto's standalone S3 server (`moto_server`, in memory) on a free port of 127.0.0.1 until
+    the block ends; yields its endpoint URL (http://127.0.0.1:<port>). Any credentials are
+    accepted: use S3_TEST_ENV. Stopped (its process group) whatever happens."""
+    port = free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, process, log, health="/moto-api/data.json")
+        yield url
+    finally:
+        stop_process(process)
+
+
+@contextlib.contextmanager
+def gtzan_serve(
+    model_uri: str, env: dict[str, str], log_path: Path, cwd: Path | None = None
+) -> Iterator[str]:
+    """`gtzan-mlops serve --model URI` (the guarded scoring app) on a free port with `env`;
+    yields its base URL and stops it whatever happens."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", model_uri]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], cwd=cwd, env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", process, log_path)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(process)

@@ -152,6 +152,8 @@ def test_a_body_that_is_not_mlflow_json_gets_a_short_400_quoting_nothing(body, p
     assert json_problem(b'{"inputs": [], "params": {"timeline": true}}', PARAMS) is None
 
 
+# Wall-clock bounds: run without the other worker's load (make test runs `-m timing` serially).
+@pytest.mark.timing
 def test_requests_wait_in_order_and_get_429_with_retry_after_past_the_queue_wait():
     inner = InnerApp(seconds=0.6)
     guard = _guard(inner, max_concurrent_decodes=1, max_queue_wait_s=0.3)
@@ -176,6 +178,8 @@ def test_requests_wait_in_order_and_get_429_with_retry_after_past_the_queue_wait
     assert len(inner.bodies) == 1
 
 
+# Wall-clock bounds: run without the other worker's load (make test runs `-m timing` serially).
+@pytest.mark.timing
 def test_a_waiting_request_is_admitted_when_a_slot_frees_within_its_wait():
     inner = InnerApp(seconds=0.2)
     guard = _guard(inner, max_concurrent_decodes=1, max_queue_wait_s=1.0)

@@ -729,28 +729,14 @@ def test_the_nginx_proxy_bounds_the_body_before_the_model_server(
 def _gtzan_serve(
     model_uri: str, store: str, log_path: Path, model_config: dict | None = None
 ) -> Iterator[str]:
-    """`gtzan-mlops serve` (the guarded scoring app) with only the system's PATH, as from a
-    fresh shell; yields its base URL and stops it whatever happens."""
-    import subprocess
-    import sys
+    """`gtzan-mlops serve` with only the system's PATH, as from a fresh shell."""
+    from live_services import gtzan_serve
 
-    from live_services import free_port, stop_process, wait_until_serving
-
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", model_uri]
     env = clean_env(MLFLOW_TRACKING_URI=store, PATH="/usr/bin:/bin")
     if model_config:
         env["SERVING_MODEL_CONFIG"] = json.dumps(model_config)
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            wait_until_serving(f"http://127.0.0.1:{port}", process, log_path)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_process(process)
+    with gtzan_serve(model_uri, env, log_path) as base:
+        yield base
 
 
 def _parquet_bomb(rows: int, mib_per_row: int) -> bytes:
@@ -803,6 +789,8 @@ def test_gtzan_mlops_serve_refuses_hostile_bodies_small_and_plain(served, store,
         assert _post(url, good).json() == answer.json()
 
 
+# Wall-clock bounds: run without the other worker's load (make test runs `-m timing` serially).
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.network
 def test_gtzan_mlops_serve_refuses_early_under_overload_and_stops_late_work(
@@ -840,4 +828,5 @@ def test_gtzan_mlops_serve_refuses_early_under_overload_and_stops_late_work(
         for response, seconds in refused:
             assert response.status_code == 429, response.text
             assert int(response.headers["Retry-After"]) >= 1
-            assert seconds < 1.4  # at the end of the 0.5 s wait, not when the slot frees
+            # At the end of the 0.5 s wait, not when the slot frees (they started 0.2 s later).
+            assert 0.5 <= seconds < late_s - 0.2
