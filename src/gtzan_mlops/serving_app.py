@@ -230,21 +230,17 @@ class RequestGuard:
         headers = {key.lower(): value for key, value in scope["headers"]}
         media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if media_type != b"application/json":
-            await _answer(send, 415, "the body must be JSON (Content-Type: application/json)")
+            message = "the body must be JSON (Content-Type: application/json)"
+            await _answer_unread(receive, send, self.body_limit, 415, message)
             return
         declared = headers.get(b"content-length", b"").strip()
         if declared.isdigit() and int(declared) > self.body_limit:
             await _answer(send, 413, self._too_large(), close=True)
             return
         if not await self.admission.enter(arrival):
-            if await _drain(receive, self.body_limit):
-                retry = str(self.admission.retry_after_s()).encode()
-                await _answer(
-                    send,
-                    429,
-                    "the server is busy: no slot came free in time; retry later",
-                    extra_headers=[(b"retry-after", retry)],
-                )
+            retry = [(b"retry-after", str(self.admission.retry_after_s()).encode())]
+            message = "the server is busy: no slot came free in time; retry later"
+            await _answer_unread(receive, send, self.body_limit, 429, message, retry)
             return
         started = time.monotonic()
         try:
@@ -308,6 +304,21 @@ async def _drain(receive: Receive, limit: int) -> bool:
             return False
         if not message.get("more_body", False):
             return True
+
+
+async def _answer_unread(
+    receive: Receive,
+    send: Send,
+    limit: int,
+    status: int,
+    message: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a request whose body the app will not use: the body is read and dropped first,
+    so that a client still sending it reads the answer instead of a reset; past `limit` bytes
+    the connection is closed after the answer instead."""
+    drained = await _drain(receive, limit)
+    await _answer(send, status, message, extra_headers, close=not drained)
 
 
 def _replay(body: bytes) -> Receive:

@@ -762,6 +762,8 @@ def test_gtzan_mlops_serve_refuses_hostile_bodies_small_and_plain(served, store,
     hostile = {
         "parquet bomb": (bomb, "application/x-parquet", 415, "the body must be JSON"),
         "csv, unterminated quote": (b'audio_base64\n"UklGR', "text/csv", 415, "must be JSON"),
+        # Read and dropped before the answer: the client, still sending, gets the 415.
+        "20 MiB of csv": (b"a\n" + b"x" * (20 * 2**20), "text/csv", 415, "must be JSON"),
         "60 MiB of malformed JSON": (
             b'{"dataframe_split": ' + b"A" * (60 * 2**20), "application/json", 400,
             "not valid JSON: Expecting value at line 1 column 21",
