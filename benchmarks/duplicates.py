@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 import soundfile
 
-from gtzan_mlops import duplicates, fetch
-from gtzan_mlops.config import load_params
+from gtzan_mlops.settings.loading import load_settings
+from gtzan_mlops.stages import duplicates, fetch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENRES_DIR = REPO_ROOT.parent / "shared" / "data" / "gtzan_mini" / "genres"
 
 
 def main() -> None:
-    params = load_params(REPO_ROOT / "params.yaml")
+    params = load_settings(REPO_ROOT / "params.yaml")
     settings = duplicates.MatchSettings.from_params(params)
     paths = sorted(GENRES_DIR.glob("*/*.wav"))
     prints = [duplicates.fingerprint(path, settings.fingerprint_seconds) for path in paths]

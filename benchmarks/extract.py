@@ -3,8 +3,9 @@
 Three ways of computing the same 57 features for every clip and each of its 3 s segments:
   1. naive: one librosa call per feature, each recomputing its own STFT (and HPSS through
      scipy's 2-D median filter), one clip at a time -- how most GTZAN projects do it;
-  2. project, one process: `gtzan_mlops.features.extract_clip`;
-  3. project, all cores: the features stage's process pool (`gtzan_mlops.extract.extract_all`).
+  2. project, one process: `gtzan_mlops.features.handcrafted.extract_clip`;
+  3. project, all cores: the features stage's process pool
+     (`gtzan_mlops.stages.features.extract_all`).
 Each way runs in a fresh interpreter so its peak memory (max RSS, children included) is its own.
 Way 3 also runs on half of the clips, to show that peak memory does not grow with the clip count.
 Prints clips per second, speed against real time, peak memory, the ratios 2/1 and 3/1, and the
@@ -35,7 +36,7 @@ WAYS = ("naive", "project", "pool")
 
 def list_clips(clips_dir: Path, limit: int | None) -> list[Path]:
     """Audio files under clips_dir (sorted), spread over genres when limited."""
-    from gtzan_mlops.audio import AUDIO_EXTENSIONS
+    from gtzan_mlops.data.audio import AUDIO_EXTENSIONS
 
     paths = sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
     if not paths:
@@ -56,8 +57,8 @@ def list_clips(clips_dir: Path, limit: int | None) -> list[Path]:
 
 def run_way(way: str, paths: list[Path], workers: int) -> dict[str, np.ndarray]:
     """Features of every clip, keyed by path: row 0 the whole clip, then one row per segment."""
-    from gtzan_mlops.audio import load_waveform
-    from gtzan_mlops.features import (
+    from gtzan_mlops.data.audio import load_waveform
+    from gtzan_mlops.features.handcrafted import (
         REFERENCE_SETTINGS,
         extract_clip,
         naive_features,
@@ -78,7 +79,7 @@ def run_way(way: str, paths: list[Path], workers: int) -> dict[str, np.ndarray]:
             features = extract_clip(load_waveform(path, settings.sample_rate), settings)
             results[str(path)] = np.vstack([features.clip, features.segments])
     else:
-        from gtzan_mlops.extract import ClipJob, ExtractionSettings, extract_all
+        from gtzan_mlops.stages.features import ClipJob, ExtractionSettings, extract_all
 
         with tempfile.TemporaryDirectory() as cache:  # empty cache: every clip is extracted
             jobs = [
@@ -100,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
     paths = list_clips(args.clips_dir, args.limit)
     import librosa
 
-    import gtzan_mlops.extract  # noqa: F401  (imports are not part of the timed work)
+    import gtzan_mlops.stages.features  # noqa: F401  (imports are not part of the timed work)
 
     warm = np.random.default_rng(0).normal(0, 0.1, 22050 * 3).astype(np.float32)
     librosa.feature.tempo(y=warm, sr=22050)  # numba compiles on first call; keep it out of timing

@@ -3,7 +3,7 @@
 On the real clips (default: the 70 in ../shared/data/gtzan_mini), in one run:
   1. embedding time: MSD_musicnn embeddings of every clip's ten 3 s segments in this process
      (`musicnn.MusicnnEmbedder.embed`, after one warm-up call), seconds per 30 s clip;
-  2. the features stage's extraction (`extract.extract_all`, a pool of --workers processes,
+  2. the features stage's extraction (`features_stage.extract_all`, a pool of --workers processes,
      empty cache) before (hand-crafted features only) and after (both feature sets), wall time
      and the peak RSS of any pool worker (sampled every 0.1 s);
   3. accuracy: the stage's clip tables from run 2, logistic regression and an RBF SVM on the
@@ -36,7 +36,7 @@ MIB = 2**20
 
 
 def list_clips(clips_dir: Path, limit: int | None) -> list[Path]:
-    from gtzan_mlops.audio import AUDIO_EXTENSIONS
+    from gtzan_mlops.data.audio import AUDIO_EXTENSIONS
 
     paths = sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
     if not paths:
@@ -73,17 +73,17 @@ class WorkerPeak:
 
 def project_params() -> dict:
     """The repository's params.yaml, validated: the batch size and the folds of the report."""
-    from gtzan_mlops.config import load_params
+    from gtzan_mlops.settings.loading import load_settings
 
-    return load_params(REPO_ROOT / "params.yaml")
+    return load_settings(REPO_ROOT / "params.yaml")
 
 
 def embedding_seconds(paths: list[Path]) -> tuple[list[float], float]:
     """Per clip, the seconds `embed` takes for its segments (decoding excluded); and the
     seconds building the model and loading its weights took."""
-    from gtzan_mlops import musicnn
-    from gtzan_mlops.audio import load_waveform
-    from gtzan_mlops.features import REFERENCE_SETTINGS, segment_bounds
+    from gtzan_mlops.data.audio import load_waveform
+    from gtzan_mlops.features import musicnn
+    from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS, segment_bounds
 
     settings = REFERENCE_SETTINGS
     start = time.perf_counter()
@@ -106,9 +106,9 @@ def embedding_seconds(paths: list[Path]) -> tuple[list[float], float]:
 
 def stage_run(paths: list[Path], workers: int, with_musicnn: bool, cache: Path):
     """The stage's extraction of every clip; (seconds, worker peak bytes, results)."""
-    from gtzan_mlops import musicnn
-    from gtzan_mlops.extract import ClipJob, ExtractionSettings, extract_all
-    from gtzan_mlops.features import REFERENCE_SETTINGS
+    from gtzan_mlops.features import musicnn
+    from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
+    from gtzan_mlops.stages.features import ClipJob, ExtractionSettings, extract_all
 
     settings = ExtractionSettings(
         REFERENCE_SETTINGS,
@@ -138,8 +138,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    from gtzan_mlops import comparison, extract
-    from gtzan_mlops.features import REFERENCE_SETTINGS
+    from gtzan_mlops.evaluation import comparison
+    from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
+    from gtzan_mlops.stages import features as features_stage
 
     paths = list_clips(args.clips_dir, args.limit)
     print(f"{len(paths)} clips from {args.clips_dir}, {os.cpu_count()} cores\n")
@@ -170,7 +171,7 @@ def main() -> None:
             f"{'met' if after[1] < 2 * 1024 * MIB else 'MISSED'})"
         )
 
-        tables = extract.build_tables(after[2], REFERENCE_SETTINGS)
+        tables = features_stage.build_tables(after[2], REFERENCE_SETTINGS)
         for name, table in tables.items():
             table.to_csv(folder / name, index=False)
         folds = project_params()["report"]["feature_sets"]

@@ -92,7 +92,7 @@ def project_champion(params: dict[str, Any]) -> tuple[Champion | None, str]:
     from mlflow import MlflowClient
 
     from gtzan_mlops import tracking
-    from gtzan_mlops.promote import current_champion
+    from gtzan_mlops.stages.promote import current_champion
 
     name = params["promote"]["model_name"]
     uri = tracking.champion_uri(name)
@@ -118,9 +118,9 @@ def build_demo_champion(params: dict[str, Any], reference: Path, folder: Path) -
     import pandas as pd
 
     from gtzan_mlops import tracking
-    from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS
-    from gtzan_mlops.models import build_classic, log_classifier
-    from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
+    from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS
+    from gtzan_mlops.models.zoo import build_classic, log_classifier
+    from gtzan_mlops.serving.classifier import ServingLimits, ServingSpec, log_serving_model
 
     if not reference.is_file():
         raise BenchmarkError(f"{reference}: reference feature table not found (--reference)")
@@ -188,7 +188,7 @@ def describe_model(champion: Champion) -> dict[str, Any]:
 def list_clips(clips_dir: Path) -> list[Path]:
     """Every audio file under clips_dir, round-robin over the genre folders, so that the first
     requests already cover every genre."""
-    from gtzan_mlops.audio import AUDIO_EXTENSIONS
+    from gtzan_mlops.data.audio import AUDIO_EXTENSIONS
 
     paths = sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
     if not paths:
@@ -875,10 +875,10 @@ def main() -> int:
     for stop_signal in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop_signal, lambda number, frame: sys.exit(128 + number))
 
-    from gtzan_mlops.config import ConfigError, load_params
+    from gtzan_mlops.settings.loading import ConfigError, load_settings
 
     try:
-        params = load_params(args.params)
+        params = load_settings(args.params)
     except ConfigError as error:
         print(f"benchmarks/serve.py: {error}", file=sys.stderr)
         return 2

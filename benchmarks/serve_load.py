@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from gtzan_mlops.config import ConfigError, load_params
-from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
+from gtzan_mlops.serving.classifier import ServingLimits, ServingSpec, log_serving_model
+from gtzan_mlops.settings.loading import ConfigError, load_settings
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
@@ -297,7 +297,7 @@ def repackaged(champion: serve_benchmark.Champion, folder: Path) -> serve_benchm
     artifacts = Model.load(str(local)).flavors["python_function"]["artifacts"]
     spec = ServingSpec.from_dict(json.loads((local / artifacts["spec"]["path"]).read_text()))
     weights = artifacts.get("musicnn_weights")
-    limits = ServingLimits.from_params(load_params(REPO_ROOT / "params.yaml"))
+    limits = ServingLimits.from_params(load_settings(REPO_ROOT / "params.yaml"))
     store = f"sqlite:///{folder / 'store.db'}"
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("gtzan-serve-load-benchmark")
@@ -321,7 +321,7 @@ def model_to_serve(model_uri: str) -> tuple[serve_benchmark.Champion, list[str]]
     if model_uri:
         champion = serve_benchmark.Champion(model_uri, tracking.tracking_uri(REPO_ROOT))
     else:
-        params = load_params(REPO_ROOT / "params.yaml")
+        params = load_settings(REPO_ROOT / "params.yaml")
         champion, reason = serve_benchmark.project_champion(params)
         if champion is None:
             raise BenchmarkError(f"no champion to serve: {reason}; pass --model URI")

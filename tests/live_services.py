@@ -23,8 +23,8 @@ import pytest
 import requests
 import yaml
 
-from gtzan_mlops.feature_sets import write_settings
-from gtzan_mlops.features import FEATURE_NAMES, FeatureSettings
+from gtzan_mlops.features.feature_sets import write_settings
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES, FeatureSettings
 
 SERVER_START_TIMEOUT_S = 180
 
@@ -247,8 +247,9 @@ def small_project(
     With `audio_seconds`, the tracks also have audio for the promote stage to play: the fetch
     stage's synthetic demo clips of that length, under the same track ids, and the duplicates
     stage's table of them. The feature tables stay made up: they do not describe that audio."""
-    from gtzan_mlops import duplicates, fetch, split, synthetic_demo
-    from gtzan_mlops.config import load_params
+    from gtzan_mlops.data import synthetic_demo
+    from gtzan_mlops.settings.loading import load_settings
+    from gtzan_mlops.stages import duplicates, fetch, split
 
     folder.mkdir(parents=True, exist_ok=True)
     params_path = folder / "params.yaml"
@@ -276,7 +277,7 @@ def small_project(
                 "data.demo.duration_s": audio_seconds,
             },
         )
-        audio_params = load_params(params_path)
+        audio_params = load_settings(params_path)
         fetch.run(audio_params, folder, show_progress=False)
         duplicates.run(audio_params, folder)
     clips, segments = synthetic_feature_tables(
@@ -288,7 +289,7 @@ def small_project(
     features.mkdir(parents=True, exist_ok=True)
     clips.to_csv(features / "features_30_sec.csv", index=False)
     segments.to_csv(features / "features_3_sec.csv", index=False)
-    params = load_params(params_path)
+    params = load_settings(params_path)
     write_settings(features, FeatureSettings.from_params(params))  # as the features stage does
     split.run(params, folder)
     return folder

@@ -20,9 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gtzan_mlops.config import load_params
-from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS
-from gtzan_mlops.serving import ServingLimits, ServingSpec, log_serving_model
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS
+from gtzan_mlops.serving.classifier import ServingLimits, ServingSpec, log_serving_model
+from gtzan_mlops.settings.loading import load_settings
 
 GENRES = ["blues", "classical", "country", "disco", "hiphop"]
 GENRES += ["jazz", "metal", "pop", "reggae", "rock"]
@@ -106,7 +106,7 @@ def log_sklearn(model: Pipeline, name: str = "model") -> str:
 
 def serving_limits(**overrides) -> ServingLimits:
     """The project's serving limits (params.yaml), with `overrides`."""
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
     return dataclasses.replace(ServingLimits.from_params(params), **overrides)
 
 
@@ -172,7 +172,7 @@ def synthetic_test_data(
 ):
     """TestData of the synthetic tables' test songs (what evaluate.load_test_data returns from
     real files), plus the training rows of each level."""
-    from gtzan_mlops.split_data import TestData
+    from gtzan_mlops.evaluation.test_data import TestData
 
     clips, segments = synthetic_tables()
     test = {

@@ -1,6 +1,6 @@
 """Regenerate tests/model/musicnn_reference.json: what the ORIGINAL musicnn code computes for a
-few log-mel patches of real clips, the figures that the Keras 3 port (src/gtzan_mlops/musicnn.py)
-must reproduce.
+few log-mel patches of real clips, the figures that the Keras 3 port
+(src/gtzan_mlops/features/musicnn.py) must reproduce.
 
 Why: the port rebuilds MSD_musicnn by hand. Its own tests show that every checkpoint variable is
 used and that the tags make sense, but not that padding, pooling, batch-norm settings and layer
@@ -55,7 +55,8 @@ DEFAULT_CLIPS = (
     "genres/metal/metal.00000.wav",
     "genres/jazz/jazz.00000.wav",
 )
-# The first three 3 s segments, as the pipeline segments a clip (gtzan_mlops.musicnn.patch_starts).
+# The first three 3 s segments, as the pipeline segments a clip
+# (gtzan_mlops.features.musicnn.patch_starts).
 SEGMENT_STARTS_S = (0.0, 3.0, 6.0)
 SIGNIFICANT_DIGITS = 7  # float32 carries about 7.2 decimal digits
 
@@ -109,8 +110,8 @@ def project_patches(clip: Path) -> tuple[Any, Any, list[int]]:
     project's own front end, as MusicnnEmbedder.embed computes them."""
     import numpy as np
 
-    from gtzan_mlops.audio import load_waveform
-    from gtzan_mlops.musicnn import PATCH_FRAMES, SAMPLE_RATE, log_mel, patch_starts
+    from gtzan_mlops.data.audio import load_waveform
+    from gtzan_mlops.features.musicnn import PATCH_FRAMES, SAMPLE_RATE, log_mel, patch_starts
 
     spectrogram = log_mel(load_waveform(clip, SAMPLE_RATE))
     starts = patch_starts(list(SEGMENT_STARTS_S), len(spectrogram))
@@ -207,8 +208,9 @@ def run_reference(workdir: Path, clips: list[str], output: Path) -> dict[str, An
         "provenance": {
             "what": (
                 "MSD_musicnn penultimate-layer embeddings (batch-normalised dense layer, 200 "
-                "units) and sigmoid tag probabilities (50 MSD tags, in gtzan_mlops.musicnn."
-                "MSD_TAGS order) computed by the original musicnn extractor code (TF1 graph via "
+                "units) and sigmoid tag probabilities (50 MSD tags, in "
+                "gtzan_mlops.features.musicnn.MSD_TAGS order) computed by the original musicnn "
+                "extractor code (TF1 graph via "
                 "tf.compat.v1) on log-mel patches made by the project's log_mel"
             ),
             "model": MODEL,

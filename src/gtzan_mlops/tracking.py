@@ -11,7 +11,6 @@ studies from experiments land in the same store as those of `dvc repro`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gtzan_mlops.config import find_repo_root, load_params, params_file
+from gtzan_mlops.settings.loading import find_repo_root
 
 TRACKING_DIR = "mlruns"
 DATABASE_FILE = "mlflow.db"
@@ -34,12 +33,6 @@ CHAMPION_ALIAS = "champion"
 def champion_uri(model_name: str) -> str:
     """The URI that names whichever version of a registered model is the champion now."""
     return f"models:/{model_name}@{CHAMPION_ALIAS}"
-
-
-def chosen_model_uri(args: argparse.Namespace) -> str:
-    """The model a command was asked to run (config.add_model_arguments): its --model, else the
-    champion of the model that its params.yaml's promote.model_name names (read only then)."""
-    return args.model or champion_uri(load_params(params_file(args))["promote"]["model_name"])
 
 
 def store_root(root: Path | None = None) -> Path:
@@ -145,8 +138,8 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def source_digest(*modules: str) -> str:
-    """sha256 over the source of the named modules of this package (e.g. "features.py"): what
-    decides whether a study, a cached feature or a served model came from the same code."""
+    """sha256 over the source of the named files of this package (e.g. "features/musicnn.py"):
+    what decides whether a study, a cached feature or a served model came from the same code."""
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for module in modules:
@@ -154,11 +147,25 @@ def source_digest(*modules: str) -> str:
     return digest.hexdigest()
 
 
+# The sub-packages that compute what the stages write. The others parse arguments (cli),
+# validate settings (settings), record runs (tracking) or draw reports (reports): a change to
+# them changes no table, split, model or metric, so no stage depends on them.
+COMPUTE_PACKAGES = ("data", "features", "models", "evaluation", "serving")
+
+
+def _module_file(package: Path, dotted: str) -> Path | None:
+    """The source file of `gtzan_mlops.<dotted>`, or None for a package folder or a name that
+    is not a module (an imported function or class)."""
+    path = package.joinpath(*dotted.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
 def module_closure(*modules: str) -> tuple[str, ...]:
-    """The source files of this package that the named modules (e.g. "train") import, directly
-    or not, themselves included, sorted: what a stage's outcome depends on. Read from the code
-    (every `import`, also inside functions), so the list cannot drift from it; dvc.yaml's deps
-    are checked against it by tests/code/test_code_shape.py."""
+    """The source files of this package that the named modules (e.g. "stages.train") import,
+    directly or not, themselves included, sorted, as paths under the package
+    ("stages/train.py"). Read from the code (every `import`, also inside functions), so the list
+    cannot drift from it. Sub-package `__init__.py` files hold only their docstring and are left
+    out (tests/code/test_code_shape.py checks that)."""
     import ast
 
     package = Path(__file__).resolve().parent
@@ -169,23 +176,35 @@ def module_closure(*modules: str) -> tuple[str, ...]:
         if module in seen:
             continue
         seen.add(module)
-        tree = ast.parse((package / f"{module}.py").read_text(encoding="utf-8"))
+        tree = ast.parse((package / f"{module.replace('.', '/')}.py").read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            names: list[str] = []
-            if isinstance(node, ast.ImportFrom) and node.module == __package__:
-                names = [alias.name for alias in node.names]  # from gtzan_mlops import x
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                f"{__package__}."
-            ):
-                names = [node.module.split(".")[1]]
+            candidates: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == __package__ or node.module.startswith(f"{__package__}."):
+                    inner = node.module.removeprefix(__package__).lstrip(".")
+                    prefix = f"{inner}." if inner else ""
+                    candidates = [inner] if inner else []
+                    candidates += [f"{prefix}{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
-                names = [
-                    alias.name.split(".")[1]
+                candidates = [
+                    alias.name.removeprefix(f"{__package__}.")
                     for alias in node.names
                     if alias.name.startswith(f"{__package__}.")
                 ]
-            pending += [name for name in names if (package / f"{name}.py").is_file()]
-    return tuple(sorted(f"{module}.py" for module in seen))
+            pending += [name for name in candidates if _module_file(package, name) is not None]
+    return tuple(sorted(f"{module.replace('.', '/')}.py" for module in seen))
+
+
+def compute_closure(*modules: str) -> tuple[str, ...]:
+    """The part of `module_closure(*modules)` that computes: the named modules themselves and
+    the files of COMPUTE_PACKAGES they import. A stage's dvc.yaml deps, and the code identity
+    of its studies, cached features and served models."""
+    own = {f"{module.replace('.', '/')}.py" for module in modules}
+    return tuple(
+        file
+        for file in module_closure(*modules)
+        if file in own or file.split("/", 1)[0] in COMPUTE_PACKAGES
+    )
 
 
 def git_commit(root: Path | None = None) -> str | None:

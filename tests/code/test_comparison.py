@@ -8,9 +8,10 @@ import pytest
 from mlflow_helpers import GENRES
 from project_params import project_params
 
-from gtzan_mlops import comparison, feature_sets, musicnn
-from gtzan_mlops.features import FEATURE_NAMES
-from gtzan_mlops.report import ReportSettings, feature_set_section
+from gtzan_mlops.evaluation import comparison
+from gtzan_mlops.features import feature_sets, musicnn
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.stages.report import ReportSettings, feature_set_section
 
 CLIPS_PER_GENRE = 7
 

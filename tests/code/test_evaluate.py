@@ -19,21 +19,21 @@ from mlflow_helpers import (
     training_record,
 )
 
-from gtzan_mlops.evaluate import (
-    choose_winner,
-    evaluate_records,
-    key_metrics,
-)
-from gtzan_mlops.features import FEATURE_NAMES
-from gtzan_mlops.records import load_family_record
-from gtzan_mlops.scoring import (
+from gtzan_mlops.data.splits import split_label
+from gtzan_mlops.evaluation.records import load_family_record
+from gtzan_mlops.evaluation.scoring import (
     EvaluationError,
     SelectionSettings,
     score_classifier,
     song_probabilities,
 )
-from gtzan_mlops.split_data import split_label
-from gtzan_mlops.uncertainty import BootstrapSettings
+from gtzan_mlops.evaluation.uncertainty import BootstrapSettings
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.stages.evaluate import (
+    choose_winner,
+    evaluate_records,
+    key_metrics,
+)
 
 RULE = SelectionSettings("validation", "song_macro_f1", 5, 0)
 BOOTSTRAP = BootstrapSettings(level=0.95, n_resamples=500, seed=0)

@@ -18,8 +18,8 @@ import soundfile
 import yaml
 from project_params import project_params
 
-from gtzan_mlops import extract
-from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.stages import features as features_stage
 
 SAMPLE_RATE = 22050
 
@@ -70,7 +70,7 @@ def stage_repo(tmp_path, gtzan_mini):
 
 def test_stage_writes_tables_and_skips_failures(stage_repo):
     root, params = stage_repo
-    counts = extract.run(params, root, show_progress=False)
+    counts = features_stage.run(params, root, show_progress=False)
     assert counts == {
         "clips": 3,
         "segments": 6,
@@ -92,16 +92,16 @@ def test_stage_writes_tables_and_skips_failures(stage_repo):
     assert "not decodable" in failures.loc[0, "reason"]
     # What made the tables travels with them: train, promote and serving read it from there.
     made = json.loads((root / "data/features/settings.json").read_text())
-    assert made["features"] == extract.FeatureSettings.from_params(params).to_dict()
+    assert made["features"] == features_stage.FeatureSettings.from_params(params).to_dict()
     assert made["code"]["source"] and made["code"]["librosa"]
 
 
 def test_rerun_reads_the_cache_and_extracts_only_new_clips(stage_repo, gtzan_mini):
     root, params = stage_repo
-    extract.run(params, root, show_progress=False)
+    features_stage.run(params, root, show_progress=False)
     first = pd.read_csv(root / "data/features/features_30_sec.csv")
 
-    assert extract.run(params, root, show_progress=False)["from_cache"] == 3
+    assert features_stage.run(params, root, show_progress=False)["from_cache"] == 3
     pd.testing.assert_frame_equal(pd.read_csv(root / "data/features/features_30_sec.csv"), first)
 
     added = root / "data/raw/genres/disco/disco.00002.wav"
@@ -110,15 +110,15 @@ def test_rerun_reads_the_cache_and_extracts_only_new_clips(stage_repo, gtzan_min
     manifest = pd.read_csv(root / "data/manifest.csv")
     manifest.loc[len(manifest)] = _manifest_row(added, root, "disco")
     manifest.to_csv(root / "data/manifest.csv", index=False)
-    counts = extract.run(params, root, show_progress=False)
+    counts = features_stage.run(params, root, show_progress=False)
     assert (counts["clips"], counts["segments"], counts["from_cache"]) == (4, 16, 3)
 
 
 def test_changed_settings_do_not_reuse_cached_values(stage_repo):
     root, params = stage_repo
-    extract.run(params, root, show_progress=False)
+    features_stage.run(params, root, show_progress=False)
     params["features"]["n_mfcc"] = 13
-    counts = extract.run(params, root, show_progress=False)
+    counts = features_stage.run(params, root, show_progress=False)
     assert counts["from_cache"] == 0
     clips = pd.read_csv(root / "data/features/features_30_sec.csv")
     assert clips.columns[-1] == "mfcc13_var"
@@ -126,19 +126,19 @@ def test_changed_settings_do_not_reuse_cached_values(stage_repo):
 
 def test_a_truncated_cache_entry_is_extracted_again(stage_repo):
     root, params = stage_repo
-    extract.run(params, root, show_progress=False)
+    features_stage.run(params, root, show_progress=False)
     entry = next((root / "data/features/cache").rglob("*.npz"))
     entry.write_bytes(entry.read_bytes()[:100])  # as an interrupted write would leave it
-    assert extract.run(params, root, show_progress=False)["from_cache"] == 2
+    assert features_stage.run(params, root, show_progress=False)["from_cache"] == 2
 
 
 def test_process_pool_gives_the_same_tables(stage_repo):
     root, params = stage_repo
-    extract.run(params, root, show_progress=False)
+    features_stage.run(params, root, show_progress=False)
     single = pd.read_csv(root / "data/features/features_3_sec.csv")
     shutil.rmtree(root / "data/features")
     params["resources"]["features"]["workers"] = 2
-    extract.run(params, root, show_progress=False)
+    features_stage.run(params, root, show_progress=False)
     pd.testing.assert_frame_equal(pd.read_csv(root / "data/features/features_3_sec.csv"), single)
 
 
@@ -149,14 +149,14 @@ def test_a_worker_that_dies_ends_the_stage_with_the_unfinished_clips(stage_repo)
 
     root, params = stage_repo
     manifest = pd.read_csv(root / "data/manifest.csv", dtype={"track_id": str, "sha256": str})
-    jobs = extract.jobs_from_manifest(manifest, root, root / "cache", "key")
-    settings = extract.ExtractionSettings(extract.FeatureSettings.from_params(params))
-    results = extract.extract_all(jobs, settings, workers=2, chunksize=1)
+    jobs = features_stage.jobs_from_manifest(manifest, root, root / "cache", "key")
+    settings = features_stage.ExtractionSettings(features_stage.FeatureSettings.from_params(params))
+    results = features_stage.extract_all(jobs, settings, workers=2, chunksize=1)
     finished = [next(results)]
     for child in psutil.Process().children():
         if "resource_tracker" not in " ".join(child.cmdline()):  # the pool's workers only
             child.kill()
-    with pytest.raises(extract.WorkerCrashError) as raised:
+    with pytest.raises(features_stage.WorkerCrashError) as raised:
         finished.extend(results)
     message = str(raised.value)
     assert "a worker process of the features stage died" in message
@@ -170,7 +170,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(project_params({"resources.features.workers": 1}))
     )
-    assert extract.main(["--params", str(tmp_path / "params.yaml")]) == 1
+    assert features_stage.main(["--params", str(tmp_path / "params.yaml")]) == 1
     error = capsys.readouterr().err
     assert f"{tmp_path / 'data' / 'manifest.csv'}: manifest not found" in error
     assert "run the fetch stage first" in error
@@ -181,8 +181,8 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
 _EXTRACT_SCRIPT = """
 import json, sys, tempfile
 from pathlib import Path
-from gtzan_mlops.extract import ClipJob, ExtractionSettings, extract_all
-from gtzan_mlops.features import REFERENCE_SETTINGS
+from gtzan_mlops.stages.features import ClipJob, ExtractionSettings, extract_all
+from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
 if __name__ == "__main__":
     cache = Path(tempfile.mkdtemp())
     workers, paths = int(sys.argv[1]), [Path(arg) for arg in sys.argv[2:]]

@@ -24,10 +24,11 @@ import soundfile
 import yaml
 from project_params import project_params
 
-from gtzan_mlops import fetch, gtzan_archive
-from gtzan_mlops.audio import Truncation, find_truncation, load_waveform
-from gtzan_mlops.config import ConfigError
-from gtzan_mlops.features import REFERENCE_SETTINGS, extract_clip
+from gtzan_mlops.data import gtzan
+from gtzan_mlops.data.audio import Truncation, find_truncation, load_waveform
+from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS, extract_clip
+from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.stages import fetch
 
 RATE = 22050
 GENRES = [
@@ -311,7 +312,7 @@ def test_unusable_clips_are_listed_with_their_reasons(tmp_path, caplog, capsys):
     params["data"]["local_dir"] = str(genres_dir.parent)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.fetch"):
+    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.stages.fetch"):
         assert fetch.main(["--params", str(tmp_path / "params.yaml")]) == 0
 
     summary = capsys.readouterr().out.strip().splitlines()[-1]  # the stage's one result line
@@ -401,7 +402,7 @@ def test_gtzan_archive_param_is_verified_and_extracted(tmp_path):
 
     params["data"]["gtzan"]["md5"] = "f" * 32
     with pytest.raises(
-        gtzan_archive.ChecksumError, match=f"md5 mismatch: expected {'f' * 32}, got {_md5(data)}"
+        gtzan.ChecksumError, match=f"md5 mismatch: expected {'f' * 32}, got {_md5(data)}"
     ):
         fetch.run(params, tmp_path, show_progress=False)
     assert archive.read_bytes() == data  # the user's own file is never deleted
@@ -426,7 +427,7 @@ def test_unsafe_archive_members_are_refused(tmp_path, members, links, named, pro
     root = tmp_path / "repo"
     params = _params("gtzan", archive=str(archive), md5=_md5(data))
 
-    with pytest.raises(gtzan_archive.UnsafeArchiveError) as raised:
+    with pytest.raises(gtzan.UnsafeArchiveError) as raised:
         fetch.run(params, root, show_progress=False)
 
     assert f"unsafe member '{named}' ({problem}); nothing was extracted" in str(raised.value)
@@ -549,7 +550,7 @@ def test_wrong_checksum_fails_cleanly(tmp_path, archive_server):
     params = _params("gtzan", md5="a" * 32, mirrors=[url])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    with pytest.raises(gtzan_archive.DownloadError) as raised:
+    with pytest.raises(gtzan.DownloadError) as raised:
         fetch.run(params, tmp_path, show_progress=False)
 
     assert f"{url}: md5 mismatch: expected {'a' * 32}, got {_md5(data)}" in str(raised.value)
@@ -593,7 +594,7 @@ def test_a_stalled_transfer_times_out_and_is_resumed(tmp_path, archive_server, c
     params = _params("gtzan", md5=_md5(data), mirrors=[archive_server.url("/genres.tar.gz")])
     params["data"]["gtzan"]["timeout_s"] = STALL_S / 4
 
-    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.fetch"):
+    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.stages.fetch"):
         assert fetch.run(params, tmp_path, show_progress=False)["ok"] == 4
 
     assert archive_server.requests[1] == ("/genres.tar.gz", "bytes=50000-", 206)
@@ -623,7 +624,7 @@ def test_unsafe_archive_member_is_refused_before_extracting(tmp_path, archive_se
     root = tmp_path / "repo"
     params = _params("gtzan", md5=_md5(data), mirrors=[archive_server.url("/genres.tar.gz")])
 
-    with pytest.raises(gtzan_archive.UnsafeArchiveError, match=r"unsafe member '\.\./evil\.wav'"):
+    with pytest.raises(gtzan.UnsafeArchiveError, match=r"unsafe member '\.\./evil\.wav'"):
         fetch.run(params, root, show_progress=False)
 
     assert _files_under(root / "data/raw") == []
@@ -639,7 +640,7 @@ def test_mirror_fallback_and_an_error_listing_every_mirror(tmp_path, archive_ser
         "gtzan", md5=_md5(data), mirrors=[missing, archive_server.url("/good/genres.tar.gz")]
     )
 
-    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.fetch"):
+    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.stages.fetch"):
         assert fetch.run(params, tmp_path, show_progress=False)["ok"] == 4
     assert archive_server.statuses("/missing/genres.tar.gz") == [404]  # a 404 is not retried
     assert f"{missing}: HTTP 404" in caplog.text
@@ -647,7 +648,7 @@ def test_mirror_fallback_and_an_error_listing_every_mirror(tmp_path, archive_ser
     refused = f"http://127.0.0.1:{_closed_port()}/genres.tar.gz"
     params["data"]["gtzan"]["mirrors"] = [missing, refused]
     (tmp_path / "data/download/genres.tar.gz").unlink()
-    with pytest.raises(gtzan_archive.DownloadError) as raised:
+    with pytest.raises(gtzan.DownloadError) as raised:
         fetch.run(params, tmp_path, show_progress=False)
     message = str(raised.value)
     assert message.startswith("could not download genres.tar.gz from any mirror")

@@ -9,15 +9,21 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from gtzan_mlops import extract, feature_sets
-from gtzan_mlops.feature_sets import ExtractionSettings, FeatureSetError, extract_sets, made_with
-from gtzan_mlops.features import (
+from gtzan_mlops.features import feature_sets
+from gtzan_mlops.features.feature_sets import (
+    ExtractionSettings,
+    FeatureSetError,
+    extract_sets,
+    made_with,
+)
+from gtzan_mlops.features.handcrafted import (
     FEATURE_NAMES,
     REFERENCE_SETTINGS,
     FeatureSettings,
     normalise_loudness,
 )
-from gtzan_mlops.serving import ServingSpec
+from gtzan_mlops.serving.classifier import ServingSpec
+from gtzan_mlops.stages import features as features_stage
 
 ON = replace(REFERENCE_SETTINGS, loudness_target_dbfs=-20.0, loudness_max_gain_db=40.0)
 LOUDNESS_KEYS = ("loudness_target_dbfs", "loudness_max_gain_db")
@@ -101,7 +107,7 @@ def test_the_settings_travel_with_the_features_and_key_the_cache():
     made = ON.to_dict()
     assert (made["loudness_target_dbfs"], made["loudness_max_gain_db"]) == (-20.0, 40.0)
     keys = {
-        extract.settings_key(ExtractionSettings(settings))
+        features_stage.settings_key(ExtractionSettings(settings))
         for settings in (ON, REFERENCE_SETTINGS, replace(ON, loudness_max_gain_db=30.0))
     }
     assert len(keys) == 3

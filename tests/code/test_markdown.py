@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gtzan_mlops import markdown
+from gtzan_mlops.reports import markdown
 
 
 def test_table_lines_alignment_and_escaped_pipes():

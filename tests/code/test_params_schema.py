@@ -10,16 +10,14 @@ import pytest
 import yaml
 from project_params import PARAMS_FILE
 
-from gtzan_mlops import (
-    cli,
-    feature_sets,
-    models,
-    params_schema,
-    scoring,
-    served_evaluation,
-    split_strategies,
-)
-from gtzan_mlops.config import ConfigError, read_params, validate_params
+from gtzan_mlops import cli
+from gtzan_mlops.data import split_strategies
+from gtzan_mlops.evaluation import scoring
+from gtzan_mlops.features import feature_sets
+from gtzan_mlops.models import zoo
+from gtzan_mlops.promotion import served_evaluation
+from gtzan_mlops.settings import schema
+from gtzan_mlops.settings.loading import ConfigError, read_params, validate_settings
 
 RAW = read_params(PARAMS_FILE)
 
@@ -28,12 +26,12 @@ def _invalid(change: typing.Callable[[dict], None]) -> str:
     params = copy.deepcopy(RAW)
     change(params)
     with pytest.raises(ConfigError) as raised:
-        validate_params(params, "params.yaml")
+        validate_settings(params, "params.yaml")
     return str(raised.value)
 
 
 def test_the_projects_params_are_valid_and_unchanged_by_validation():
-    assert validate_params(copy.deepcopy(RAW)) == RAW
+    assert validate_settings(copy.deepcopy(RAW)) == RAW
 
 
 @pytest.mark.parametrize(
@@ -93,7 +91,7 @@ def test_a_whole_float_from_mlflow_run_becomes_an_integer():
     params = copy.deepcopy(RAW)
     params["split"]["seed"] = 3.0  # MLproject passes numeric parameters as floats
     params["resources"]["train"]["workers"] = 2.0
-    checked = validate_params(params)
+    checked = validate_settings(params)
     assert checked["split"]["seed"] == 3 and isinstance(checked["split"]["seed"], int)
     assert isinstance(checked["resources"]["train"]["workers"], int)
 
@@ -109,11 +107,11 @@ def test_a_stage_validates_its_overrides_before_running(tmp_path, capsys):
 def test_the_schema_holds_no_defaults():
     """Every value comes from params.yaml; only the search-space notation's optional keys
     (Optuna's own step and log) may be left out."""
-    optional = {(params_schema.IntRange, "step"), (params_schema.IntRange, "log")}
-    optional |= {(params_schema.FloatRange, "step"), (params_schema.FloatRange, "log")}
+    optional = {(schema.IntRange, "step"), (schema.IntRange, "log")}
+    optional |= {(schema.FloatRange, "step"), (schema.FloatRange, "log")}
     checked = 0
-    for model in vars(params_schema).values():
-        if not (isinstance(model, type) and issubclass(model, params_schema.Section)):
+    for model in vars(schema).values():
+        if not (isinstance(model, type) and issubclass(model, schema.Section)):
             continue
         for name, field in model.model_fields.items():
             checked += 1
@@ -122,14 +120,14 @@ def test_the_schema_holds_no_defaults():
 
 
 def test_the_schemas_choices_are_the_codes():
-    assert typing.get_args(params_schema.Family) == models.FAMILIES
-    assert typing.get_args(params_schema.FeatureSet) == feature_sets.FEATURE_SETS
-    assert typing.get_args(params_schema.Metric) == scoring.METRICS
-    promoted_by = params_schema.Promote.model_fields["metric"].annotation
+    assert typing.get_args(schema.Family) == zoo.FAMILIES
+    assert typing.get_args(schema.FeatureSet) == feature_sets.FEATURE_SETS
+    assert typing.get_args(schema.Metric) == scoring.METRICS
+    promoted_by = schema.Promote.model_fields["metric"].annotation
     assert typing.get_args(promoted_by) == tuple(served_evaluation.SONG_METRICS)
-    sources = params_schema.Selection.model_fields["source"].annotation
+    sources = schema.Selection.model_fields["source"].annotation
     assert typing.get_args(sources) == scoring.SELECTION_SOURCES
-    strategy = params_schema.Split.model_fields["strategy"].annotation
+    strategy = schema.Split.model_fields["strategy"].annotation
     assert set(typing.get_args(strategy)) == set(split_strategies.STRATEGIES)
-    families = set(models.FAMILIES)
-    assert families <= set(params_schema.Train.model_fields)
+    families = set(zoo.FAMILIES)
+    assert families <= set(schema.Train.model_fields)

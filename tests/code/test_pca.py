@@ -11,8 +11,8 @@ import pytest
 from mlflow_helpers import sqlite_store
 from project_params import project_params
 
-from gtzan_mlops import pca
-from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.stages import pca
 
 GENRES = ["blues", "classical", "metal"]
 

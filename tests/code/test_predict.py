@@ -10,7 +10,7 @@ import yaml
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 from project_params import project_params
 
-from gtzan_mlops import predict
+from gtzan_mlops.apps import predict
 
 MODEL_NAME = "gtzan-predict-test"
 LINE = re.compile(r"^(?P<path>.+): (?P<genre>\w+)  \((?P<top>.+)\)$")
@@ -86,7 +86,7 @@ def test_timeline_of_a_long_song_of_two_genres(champion, gtzan_mini, tmp_path, c
     import numpy as np
     import soundfile
 
-    from gtzan_mlops.audio import load_waveform
+    from gtzan_mlops.data.audio import load_waveform
 
     parts = [
         load_waveform(gtzan_mini / "genres" / genre / f"{genre}.{index:05d}.wav", 22050)

@@ -31,20 +31,20 @@ from mlflow_helpers import (
     training_record,
 )
 
-from gtzan_mlops.champion import TRAINING_CLIPS_FILE
-from gtzan_mlops.config import load_params
-from gtzan_mlops.evaluate import evaluate_records
-from gtzan_mlops.features import REFERENCE_SETTINGS
-from gtzan_mlops.promote import (
+from gtzan_mlops.evaluation.scoring import EvaluationError, SelectionSettings
+from gtzan_mlops.evaluation.uncertainty import BootstrapSettings, Interval
+from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
+from gtzan_mlops.promotion.champion import TRAINING_CLIPS_FILE
+from gtzan_mlops.promotion.rule import BehaviourResult, Comparison, decide_promotion
+from gtzan_mlops.promotion.served_evaluation import Clip, SplitClips, clips_digest
+from gtzan_mlops.settings.loading import load_settings
+from gtzan_mlops.stages.evaluate import evaluate_records
+from gtzan_mlops.stages.promote import (
     PromotionSettings,
     RunContext,
     key_metrics,
     promote_winner,
 )
-from gtzan_mlops.promotion import BehaviourResult, Comparison, decide_promotion
-from gtzan_mlops.scoring import EvaluationError, SelectionSettings
-from gtzan_mlops.served_evaluation import Clip, SplitClips, clips_digest
-from gtzan_mlops.uncertainty import BootstrapSettings, Interval
 
 MODEL_NAME = "gtzan-test-classifier"
 RATE = 22050
@@ -196,7 +196,7 @@ def registry(tmp_path_factory):
 
 
 def _settings(**overrides) -> PromotionSettings:
-    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    params = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")
     settings = PromotionSettings.from_params(params)
     chosen = {
         "model_name": MODEL_NAME,
@@ -381,7 +381,7 @@ def _has_champion() -> bool:
 
 
 def test_promotion_settings_from_params(repo_root):
-    params = load_params(repo_root / "params.yaml")
+    params = load_settings(repo_root / "params.yaml")
     changed = {
         **params,
         "promote": {**params["promote"], "min_improvement": 0.02, "require_significant": True},
@@ -400,7 +400,7 @@ def test_a_refused_clip_is_answered_none_and_the_others_still_count(audio_clips)
     refused one is None (wrong, and changed, wherever it is counted)."""
     from mlflow.exceptions import MlflowException
 
-    from gtzan_mlops.served_evaluation import REFUSED, ServedModel
+    from gtzan_mlops.promotion.served_evaluation import REFUSED, ServedModel
 
     class Refusing(PitchModel):
         def predict(self, frame):

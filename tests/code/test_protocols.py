@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gtzan_mlops import protocols
-from gtzan_mlops.config import ConfigError
-from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.evaluation import protocols
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.settings.loading import ConfigError
 
 GENRES = ["blues", "rock"]
 

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from gtzan_mlops import protocols as report_protocols
-from gtzan_mlops import report
-from gtzan_mlops.config import load_params
-from gtzan_mlops.features import FEATURE_NAMES
+from gtzan_mlops.evaluation import protocols as report_protocols
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.settings.loading import load_settings
+from gtzan_mlops.stages import report
 
 FAMILIES = ["naive_bayes", "knn", "logistic_regression"]
 PUBLISHED_KNN = 0.665
@@ -48,7 +48,7 @@ def _synthetic_segments(genres: list[str], songs: int = 4, segments: int = 3) ->
 
 @pytest.fixture(scope="module")
 def base_params(repo_root: Path) -> dict:
-    return load_params(repo_root / "params.yaml")
+    return load_settings(repo_root / "params.yaml")
 
 
 @pytest.fixture(scope="module")

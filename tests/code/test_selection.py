@@ -13,15 +13,17 @@ import pandas as pd
 import pytest
 from live_services import small_project
 
-from gtzan_mlops import tracking, train, uncertainty
-from gtzan_mlops.config import ConfigError, load_params
-from gtzan_mlops.scoring import (
+from gtzan_mlops import tracking
+from gtzan_mlops.evaluation import uncertainty
+from gtzan_mlops.evaluation.scoring import (
     EvaluationError,
     FamilyEvaluation,
     SelectionSettings,
     score_classifier,
     score_intervals,
 )
+from gtzan_mlops.settings.loading import ConfigError, load_settings
+from gtzan_mlops.stages import train
 
 SETTINGS = uncertainty.BootstrapSettings(level=0.95, n_resamples=500, seed=0)
 FAMILIES = ["naive_bayes", "logistic_regression"]
@@ -118,7 +120,7 @@ def project(tmp_path_factory, repo_root):
 
 
 def _params(project: Path, **selection) -> dict:
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     params["selection"].update(selection)
     return params
 

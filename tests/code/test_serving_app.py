@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from mlflow_helpers import serving_limits
 
-from gtzan_mlops.serving import BEFORE_ADMISSION, REQUEST_ARRIVAL, ServingLimits
-from gtzan_mlops.serving_app import (
+from gtzan_mlops.serving.classifier import BEFORE_ADMISSION, REQUEST_ARRIVAL, ServingLimits
+from gtzan_mlops.serving.guard import (
     MAX_ERROR_MESSAGE,
     Admission,
     RequestGuard,

@@ -14,9 +14,11 @@ import pytest
 from live_services import GENRES, synthetic_feature_tables
 from project_params import project_params
 
-from gtzan_mlops import split, split_data, split_strategies
-from gtzan_mlops.config import ConfigError
-from gtzan_mlops.split_data import split_label
+from gtzan_mlops.data import split_strategies, splits
+from gtzan_mlops.data.splits import split_label
+from gtzan_mlops.evaluation import test_data
+from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.stages import split
 
 SONGS_PER_GENRE = 10
 SPLIT_SETTINGS = project_params()["split"]  # the strategies' sizes as params.yaml sets them
@@ -44,7 +46,7 @@ def test_grouped_strategies_keep_songs_whole_and_stratify(tables, tmp_path, stra
     assert (counts["test"] == 3).all() and (counts["valid"] == 1).all()
     assert (counts["train"] == 6).all()
     assert assignments["track_id"].is_unique
-    segments = split_data.attach_subsets(tables[1], assignments)
+    segments = splits.attach_subsets(tables[1], assignments)
     assert segments.groupby("track_id")["subset"].nunique().max() == 1
 
 
@@ -82,10 +84,10 @@ def test_random_segments_is_labelled_leaky_and_its_leak_is_measured(tables, tmp_
     assert (assignments["unit"] == assignments["track_id"]).all()
     # Segments of most songs land on several sides: the reason this split is leaky.
     assert summary["leakage"]["tracks_on_several_sides"] > len(GENRES) * SONGS_PER_GENRE / 2
-    with_subsets = split_data.attach_subsets(tables[1], assignments)
+    with_subsets = splits.attach_subsets(tables[1], assignments)
     assert with_subsets["subset"].notna().all()
     # A clip table cannot be split by segment: no clip gets a subset.
-    assert split_data.attach_subsets(tables[0], assignments)["subset"].isna().all()
+    assert splits.attach_subsets(tables[0], assignments)["subset"].isna().all()
 
 
 @pytest.mark.parametrize("strategy", ["clip_stratified", "song_grouped"])
@@ -112,12 +114,12 @@ def test_units_are_tracks_or_their_duplicate_group(tables, tmp_path, strategy):
 
 def test_unit_of_track_without_the_column_is_the_track(tables, tmp_path):
     assignments, _ = _split(tables, tmp_path, strategy="song_grouped")
-    units = split_data.unit_of_track(assignments.drop(columns="unit"))
+    units = splits.unit_of_track(assignments.drop(columns="unit"))
     assert units == {track: track for track in assignments["track_id"]}
     # An older split file, without the column: the test data's units are its tracks.
-    test_data = split_data.TestData({}, "", assignments=assignments.drop(columns="unit"))
-    assert test_data.units == units
-    assert split_data.TestData({}, "").units == {}
+    held_out = test_data.TestData({}, "", assignments=assignments.drop(columns="unit"))
+    assert held_out.units == units
+    assert test_data.TestData({}, "").units == {}
 
 
 def test_artist_filtered_units_follow_artists_and_duplicates(tables, tmp_path):
@@ -125,7 +127,7 @@ def test_artist_filtered_units_follow_artists_and_duplicates(tables, tmp_path):
     lists_dir = tmp_path / "lists"
     lists_dir.mkdir()
     tracks = clips["track_id"].tolist()
-    for number, subset in enumerate(split_data.SUBSETS):
+    for number, subset in enumerate(splits.SUBSETS):
         entries = [f"{track.split('.')[0]}/{track}.wav" for track in tracks[number::3]]
         (lists_dir / f"{subset}_filtered.txt").write_text("\n".join(entries) + "\n")
     # blues.00000 and blues.00003 share an artist (both in train); 00001 duplicates 00004 (valid).
@@ -198,7 +200,7 @@ def test_artist_filtered_lists_on_the_real_clips(gtzan_mini, shared_dir, tmp_pat
     )
     lists_dir = shared_dir / "data" / "gtzan_splits"
     lists = split_strategies.read_filtered_lists(lists_dir)
-    assert [len(lists[subset]) for subset in split_data.SUBSETS] == [443, 197, 290]
+    assert [len(lists[subset]) for subset in splits.SUBSETS] == [443, 197, 290]
 
     assignments, summary = split.make_split(
         tracks,
@@ -282,14 +284,12 @@ def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
         project_params({"split.strategy": "song_grouped", "split.group_duplicates": False}),
         tmp_path,
     )
-    assignments, written = split_data.load_split(tmp_path / "data" / "split")
+    assignments, written = splits.load_split(tmp_path / "data" / "split")
     assert written == json.loads(json.dumps(summary))
     assert len(assignments) == len(clips)
     assert list(assignments.columns) == ["track_id", "genre", "subset", "unit"]
-    assert split_data.unit_of_track(assignments) == {t: t for t in clips["track_id"]}
+    assert splits.unit_of_track(assignments) == {t: t for t in clips["track_id"]}
     # Four songs per genre: every subset still gets one of each genre.
-    assert all(
-        len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in split_data.SUBSETS
-    )
+    assert all(len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in splits.SUBSETS)
     with pytest.raises(ConfigError, match=r"split\.strategy must be one of"):
         split.run(project_params({"split.strategy": "by_mood"}, validate=False), tmp_path)

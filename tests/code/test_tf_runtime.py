@@ -9,7 +9,7 @@ import sys
 _SCRIPT = """
 import os, sys
 os.write(2, b"before the import\\n")
-from gtzan_mlops.tf_runtime import import_tensorflow
+from gtzan_mlops.features.tf_runtime import import_tensorflow
 tf = import_tensorflow()
 import keras
 model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])

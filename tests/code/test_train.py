@@ -14,15 +14,18 @@ import pandas as pd
 import pytest
 from live_services import small_project
 
-from gtzan_mlops import feature_sets, models, tracking, train
-from gtzan_mlops.config import ConfigError, load_params
-from gtzan_mlops.features import FEATURE_NAMES
-from gtzan_mlops.scoring import METRICS
+from gtzan_mlops import tracking
+from gtzan_mlops.evaluation.scoring import METRICS
+from gtzan_mlops.features import feature_sets
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.models import zoo
+from gtzan_mlops.settings.loading import ConfigError, load_settings
+from gtzan_mlops.stages import train
 
 
 def make_project(folder: Path, repo_root: Path, n_trials: int = 2) -> Path:
     """A project with every family, the default stores (mlruns/, optuna-journals/) inside it."""
-    return small_project(folder, repo_root, list(models.FAMILIES), n_trials)
+    return small_project(folder, repo_root, list(zoo.FAMILIES), n_trials)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,9 @@ def _nested_runs(parent_run_id: str) -> pd.DataFrame:
     )
 
 
-@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     record = train.run(params, project, family)
 
     # The record evaluate reads, and the DVC metrics file naming its split.
@@ -55,7 +58,7 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     assert metrics["split"] == "song-grouped" and metrics["leaky"] is False
     # Genres are well apart in the synthetic data: every family must beat chance (0.1) clearly.
     assert metrics["test_accuracy"] > 0.3, metrics
-    assert record["level"] == "segment" and record["flavor"] == models.flavor_of(family)
+    assert record["level"] == "segment" and record["flavor"] == zoo.flavor_of(family)
     # The selection score: the best trial's validation metric (params' selection), not a test
     # score; every score with its interval.
     assert set(record["val_metrics"]) == {f"valid_{name}" for name in METRICS}
@@ -95,7 +98,7 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
     assert (project / "reports/train" / f"{family}-handcrafted" / "optuna_history.png").is_file()
 
     # The logged model loads and gives probabilities over the ten genres.
-    model = models.load_classifier(record["model_uri"], record["flavor"])
+    model = zoo.load_classifier(record["model_uri"], record["flavor"])
     rows = pd.read_csv(project / "data/features/features_3_sec.csv").head(7)
     probabilities = model.predict_proba(rows[list(FEATURE_NAMES)])
     assert probabilities.shape == (7, 10)
@@ -105,7 +108,7 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
 
 
 def test_first_trial_is_the_source_studys_settings(project):
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     record = train.run(params, project, "knn")  # resumes the study if it already exists
     settings = train.FamilySettings.from_params(params, "knn")
     study = optuna.load_study(
@@ -115,7 +118,7 @@ def test_first_trial_is_the_source_studys_settings(project):
 
 
 def test_rerun_resumes_the_study_and_more_trials_extend_it(project):
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     first = train.run(params, project, "naive_bayes")
     again = train.run(params, project, "naive_bayes")
     assert again["study"] == first["study"] and again["run_id"] == first["run_id"]
@@ -137,8 +140,8 @@ def test_same_seed_gives_the_same_model(tmp_path, repo_root, monkeypatch, family
     predictions = []
     for copy in ("a", "b"):
         folder = make_project(tmp_path / copy, repo_root, n_trials=2)
-        record = train.run(load_params(folder / "params.yaml"), folder, family)
-        model = models.load_classifier(record["model_uri"], record["flavor"])
+        record = train.run(load_settings(folder / "params.yaml"), folder, family)
+        model = zoo.load_classifier(record["model_uri"], record["flavor"])
         rows = pd.read_csv(folder / "data/features/features_3_sec.csv")
         predictions.append((record["best_params"], model.predict_proba(rows[list(FEATURE_NAMES)])))
         mlflow.set_tracking_uri(None)
@@ -152,7 +155,7 @@ def test_two_worker_processes_share_the_study_and_lose_no_trial(tmp_path, repo_r
     for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT"):
         monkeypatch.delenv(name, raising=False)
     folder = make_project(tmp_path / "parallel", repo_root, n_trials=10)
-    params = load_params(folder / "params.yaml")
+    params = load_settings(folder / "params.yaml")
     record = train.run(params, folder, "knn", workers=2)
 
     study = optuna.load_study(
@@ -169,13 +172,13 @@ def test_two_worker_processes_share_the_study_and_lose_no_trial(tmp_path, repo_r
 
 
 def test_joining_a_study_that_does_not_exist_is_a_clear_error(project):
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     with pytest.raises(ConfigError, match="start the stage first"):
         train.run(params, project, "svm", join=True, name="svm-no-such-study")
 
 
 def test_pruning_hook_stops_keras_and_xgboost(project):
-    data = train.load_training_data(load_params(project / "params.yaml"), project)
+    data = train.load_training_data(load_settings(project / "params.yaml"), project)
 
     def prune_at_two(step: int, value: float) -> None:
         if step >= 2:
@@ -183,13 +186,13 @@ def test_pruning_hook_stops_keras_and_xgboost(project):
 
     space = {"learning_rate": 0.01, "batch_size": 64, "epochs": 10, "patience": 5, "dropout": 0.2}
     with pytest.raises(optuna.TrialPruned):
-        models.fit_family(
+        zoo.fit_family(
             "fnn_simple", space, data.xy("train"), 10, 0, data.xy("valid"), None, prune_at_two
         )
     rounds = {"n_estimators": 100, "early_stopping_rounds": 100, "learning_rate": 0.1}
     seen = []
     with pytest.raises(optuna.TrialPruned):
-        models.fit_family(
+        zoo.fit_family(
             "xgboost",
             rounds,
             data.xy("train"),
@@ -210,23 +213,23 @@ def test_search_space_entries(project):
         "kind": {"type": "categorical", "choices": ["a", "b"]},
         "fixed": 7,
     }
-    assert models.suggest(trial, space) == {"n": 3, "rate": 0.01, "kind": "b", "fixed": 7}
-    assert models.tunable(space) == ["n", "rate", "kind"] and models.fixed(space) == {"fixed": 7}
+    assert zoo.suggest(trial, space) == {"n": 3, "rate": 0.01, "kind": "b", "fixed": 7}
+    assert zoo.tunable(space) == ["n", "rate", "kind"] and zoo.fixed(space) == {"fixed": 7}
     with pytest.raises(ConfigError, match="type must be int, float or categorical"):
-        models.suggest(trial, {"n": {"type": "integer", "low": 1, "high": 2}})
+        zoo.suggest(trial, {"n": {"type": "integer", "low": 1, "high": 2}})
     with pytest.raises(ConfigError, match="lacks 'high'"):
-        models.suggest(trial, {"n": {"type": "int", "low": 1}})
-    assert models.hidden_layers("512-256") == (512, 256)
+        zoo.suggest(trial, {"n": {"type": "int", "low": 1}})
+    assert zoo.hidden_layers("512-256") == (512, 256)
     with pytest.raises(ConfigError, match="hidden_layers"):
-        models.hidden_layers("wide")
+        zoo.hidden_layers("wide")
 
 
 def test_a_genre_missing_from_training_is_a_clear_error(project):
-    data = train.load_training_data(load_params(project / "params.yaml"), project)
+    data = train.load_training_data(load_settings(project / "params.yaml"), project)
     features, labels = data.xy("train")
     keep = labels != 3
     with pytest.raises(ValueError, match=r"lack genre indices \[3\]"):
-        models.fit_family("knn", {}, (features[keep], labels[keep]), 10, 0)
+        zoo.fit_family("knn", {}, (features[keep], labels[keep]), 10, 0)
 
 
 def test_stores_follow_dvc_root_and_the_environment(tmp_path, monkeypatch):
@@ -252,11 +255,11 @@ def test_stores_follow_dvc_root_and_the_environment(tmp_path, monkeypatch):
 def test_tables_made_with_other_settings_are_refused(project):
     """A run asking for other feature settings than the tables were made with (a `--set` outside
     DVC) must not train on them under a record that claims the asked-for settings."""
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     params["features"]["sample_rate"] = 16000
     with pytest.raises(
         feature_sets.FeatureSetError, match=r"sample_rate 22050 \(tables\) vs 16000"
     ):
         train.load_training_data(params, project)
-    record = train.load_training_data(load_params(project / "params.yaml"), project)
+    record = train.load_training_data(load_settings(project / "params.yaml"), project)
     assert record.feature_settings["sample_rate"] == 22050  # read from the tables' record

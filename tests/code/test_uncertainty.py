@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from gtzan_mlops.uncertainty import (
+from gtzan_mlops.evaluation.uncertainty import (
     METRIC_NAMES,
     BootstrapSettings,
     Interval,
@@ -91,7 +91,7 @@ def test_resampled_values_are_a_naive_loop_over_the_drawn_units(metric):
 
 
 def test_resamples_do_not_depend_on_the_chunk_size(monkeypatch):
-    from gtzan_mlops import uncertainty
+    from gtzan_mlops.evaluation import uncertainty
 
     actual, predicted, units = _songs(50, 0.7)
     settings = BootstrapSettings(level=0.95, n_resamples=1234, seed=3)

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import soundfile
 
-from gtzan_mlops import duplicates, fetch, split_data, split_strategies
-from gtzan_mlops.config import load_params
+from gtzan_mlops.data import split_strategies, splits
+from gtzan_mlops.settings.loading import load_settings
+from gtzan_mlops.stages import duplicates, fetch
 
-PATHS = load_params(Path(__file__).resolve().parents[2] / "params.yaml")["paths"]
+PATHS = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")["paths"]
 ORIGINAL = "blues.00000"
 COPIES = {
     "blues.90000": "FLAC copy under another name",
@@ -34,7 +35,7 @@ def _gates(params) -> fetch.ManifestGates:
 
 @pytest.fixture(scope="module")
 def params(repo_root):
-    return load_params(repo_root / "params.yaml")
+    return load_settings(repo_root / "params.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def copies_project(tmp_path_factory, gtzan_mini, params):
 def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_project):
     root, summary = copies_project
     clips = pd.read_csv(root / PATHS["duplicates"], dtype=str, keep_default_na=False)
-    group_of = dict(zip(clips["track_id"], clips[split_data.GROUP_COLUMN], strict=True))
+    group_of = dict(zip(clips["track_id"], clips[splits.GROUP_COLUMN], strict=True))
     assert group_of[ORIGINAL] == f"dup:{ORIGINAL}"
     for copy, how in COPIES.items():
         assert group_of[copy] == group_of[ORIGINAL], how
@@ -82,7 +83,7 @@ def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_pro
 
 def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
     root, _ = copies_project
-    groups = split_data.read_groups(root / PATHS["duplicates"])
+    groups = splits.read_groups(root / PATHS["duplicates"])
     # The copies among all 1000 GTZAN track ids, so that the split has songs to spread.
     tracks = pd.read_csv(reference_table, usecols=["filename", "label"])
     tracks = pd.DataFrame(
@@ -105,7 +106,7 @@ def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
 
 def test_the_leakage_check_fails_on_a_split_that_separates_a_group(copies_project):
     root, _ = copies_project
-    groups = split_data.read_groups(root / PATHS["duplicates"])
+    groups = splits.read_groups(root / PATHS["duplicates"])
     assignments = pd.DataFrame(
         {
             "track_id": [ORIGINAL, *COPIES, SAME_ARTIST],

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from gtzan_mlops.audio import load_waveform
-from gtzan_mlops.features import (
+from gtzan_mlops.data.audio import load_waveform
+from gtzan_mlops.features.handcrafted import (
     FEATURE_NAMES,
     REFERENCE_SETTINGS,
     FeatureError,

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from project_params import project_params
 
-from gtzan_mlops import musicnn
-from gtzan_mlops.audio import decode_mono
-from gtzan_mlops.feature_sets import ExtractedSets, extract_sets
-from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS
+from gtzan_mlops.data.audio import decode_mono
+from gtzan_mlops.features import musicnn
+from gtzan_mlops.features.feature_sets import ExtractedSets, extract_sets
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS
 
 OFF = REFERENCE_SETTINGS
 ON = replace(REFERENCE_SETTINGS, loudness_target_dbfs=-20.0, loudness_max_gain_db=40.0)

@@ -14,10 +14,11 @@ import pytest
 import yaml
 from live_services import clean_env, synthetic_feature_tables
 
-from gtzan_mlops import split, tracking
-from gtzan_mlops.config import ConfigError, apply_overrides, load_params, section
-from gtzan_mlops.feature_sets import write_settings
-from gtzan_mlops.features import FeatureSettings
+from gtzan_mlops import tracking
+from gtzan_mlops.features.feature_sets import write_settings
+from gtzan_mlops.features.handcrafted import FeatureSettings
+from gtzan_mlops.settings.loading import ConfigError, apply_overrides, load_settings, section
+from gtzan_mlops.stages import split
 
 OVERRIDE = re.compile(r"--set (?P<key>[\w.]+)=\{(?P<parameter>\w+)\}")
 
@@ -38,7 +39,7 @@ def test_every_stage_has_an_entry_point(repo_root):
 
 
 def test_parameter_defaults_are_the_values_in_params_yaml(repo_root):
-    params = load_params(repo_root / "params.yaml")
+    params = load_settings(repo_root / "params.yaml")
     checked = 0
     for name, entry in _entry_points(repo_root).items():
         for match in OVERRIDE.finditer(entry["command"]):
@@ -88,7 +89,7 @@ def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
     (project / "data/features").mkdir(parents=True)
     clips.to_csv(project / "data/features/features_30_sec.csv", index=False)
     segments.to_csv(project / "data/features/features_3_sec.csv", index=False)
-    params = load_params(project / "params.yaml")
+    params = load_settings(project / "params.yaml")
     write_settings(project / "data/features", FeatureSettings.from_params(params))
     params["split"]["group_duplicates"] = False  # synthetic tables: no audio to fingerprint
     split.run(params, project)

@@ -15,8 +15,8 @@ import soundfile
 from project_params import project_params
 from scipy import signal
 
-from gtzan_mlops import behaviour
-from gtzan_mlops.behaviour import (
+from gtzan_mlops.promotion import behaviour
+from gtzan_mlops.promotion.behaviour import (
     BehaviourError,
     BehaviourSettings,
     encode_wav,

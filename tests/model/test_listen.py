@@ -14,8 +14,8 @@ import requests
 from live_services import chromium_page, free_port
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 
-from gtzan_mlops import listen
-from gtzan_mlops.serving import BASE64_COLUMN
+from gtzan_mlops.apps import listen
+from gtzan_mlops.serving.classifier import BASE64_COLUMN
 
 MODEL_NAME = "gtzan-listen-test"
 TAGS = {
@@ -183,7 +183,7 @@ def test_a_person_uploads_songs_in_chromium(page_server, gtzan_mini, tmp_path, a
         # A whole song: two real classical clips then two metal ones, 2 minutes, 40 segments.
         import soundfile
 
-        from gtzan_mlops.audio import load_waveform
+        from gtzan_mlops.data.audio import load_waveform
 
         parts = [
             load_waveform(gtzan_mini / f"genres/{genre}/{genre}.0000{index}.wav", 22050)[

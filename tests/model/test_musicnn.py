@@ -16,14 +16,19 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gtzan_mlops import feature_sets, musicnn
-from gtzan_mlops.audio import decode_mono, load_waveform
-from gtzan_mlops.config import load_params
-from gtzan_mlops.features import REFERENCE_SETTINGS
-from gtzan_mlops.serving import BASE64_COLUMN, ServingSpec, log_serving_model, output_columns
+from gtzan_mlops.data.audio import decode_mono, load_waveform
+from gtzan_mlops.features import feature_sets, musicnn
+from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
+from gtzan_mlops.serving.classifier import (
+    BASE64_COLUMN,
+    ServingSpec,
+    log_serving_model,
+    output_columns,
+)
+from gtzan_mlops.settings.loading import load_settings
 
 SETTINGS = REFERENCE_SETTINGS
-BATCH_SIZE = load_params(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
+BATCH_SIZE = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
     "features"
 ]["musicnn_batch_size"]
 CLIPS_PER_GENRE = 7  # jazz has 00000-00002 and 00004-00007 in ../shared

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from mlflow_helpers import GENRES
 
-from gtzan_mlops import musicnn
-from gtzan_mlops.audio import load_waveform
-from gtzan_mlops.config import load_params
+from gtzan_mlops.data.audio import load_waveform
+from gtzan_mlops.features import musicnn
+from gtzan_mlops.settings.loading import load_settings
 
 REFERENCE = json.loads((Path(__file__).with_name("musicnn_reference.json")).read_text())
 REGENERATE = REFERENCE["provenance"]["regenerate"]
-BATCH_SIZE = load_params(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
+BATCH_SIZE = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
     "features"
 ]["musicnn_batch_size"]
 

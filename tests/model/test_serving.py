@@ -24,9 +24,9 @@ from live_services import clean_env, mlflow_server
 from mlflow.exceptions import MlflowException
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 
-from gtzan_mlops.audio import load_waveform
-from gtzan_mlops.features import FEATURE_NAMES, REFERENCE_SETTINGS, extract_clip
-from gtzan_mlops.serving import (
+from gtzan_mlops.data.audio import load_waveform
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS, extract_clip
+from gtzan_mlops.serving.classifier import (
     BASE64_COLUMN,
     PATH_COLUMN,
     ServingSpec,
@@ -397,7 +397,7 @@ def test_decoding_down_mixes_block_by_block(tmp_path):
     """Memory follows the mono output: 8 channels decode in about the mono size, not 8 times."""
     import tracemalloc
 
-    from gtzan_mlops.audio import decode_audio
+    from gtzan_mlops.data.audio import decode_audio
 
     rate, seconds = 22050, 60
     path = tmp_path / "eight.wav"
@@ -418,11 +418,11 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
     import threading
     import time
 
-    from gtzan_mlops import serving
+    from gtzan_mlops.serving import classifier
 
     model = mlflow.pyfunc.load_model(served[0], model_config={"max_concurrent_decodes": 2})
     active, most, lock = [0], [0], threading.Lock()
-    real_decode = serving.decode_audio
+    real_decode = classifier.decode_audio
     workers: set[str] = set()
 
     def slow_decode(*args, **kwargs):
@@ -437,7 +437,7 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(serving, "decode_audio", slow_decode)
+    monkeypatch.setattr(classifier, "decode_audio", slow_decode)
     rows = pd.DataFrame({BASE64_COLUMN: [_base64(clip)]})
     threads = [threading.Thread(target=model.predict, args=(rows,)) for _ in range(5)]
     for thread in threads:
@@ -492,19 +492,19 @@ def test_silent_audio_is_refused_and_truncation_is_reported(served, clip):
 
 
 def test_an_unexpected_failure_is_a_500_without_trace_or_paths(served, clip, monkeypatch):
-    from gtzan_mlops import serving
+    from gtzan_mlops.serving import classifier
 
     def broken(*args, **kwargs):
-        raise RuntimeError(f"boom in {serving.__file__}")
+        raise RuntimeError(f"boom in {classifier.__file__}")
 
-    monkeypatch.setattr(serving, "classify_song", broken)
+    monkeypatch.setattr(classifier, "classify_song", broken)
     _, model = served
     with pytest.raises(MlflowException) as caught:
         model.predict(pd.DataFrame({BASE64_COLUMN: [_base64(clip)]}))
     assert caught.value.error_code == "INTERNAL_ERROR"
     body = caught.value.serialize_as_json()
     assert "Traceback" not in body and "stack_trace" not in body
-    assert serving.__file__ not in body and "/" not in json.loads(body)["message"]
+    assert classifier.__file__ not in body and "/" not in json.loads(body)["message"]
 
 
 # --- audio_path reads only under the audio root, and cannot be used to probe -----------------
@@ -552,7 +552,7 @@ def test_audio_path_refusals_are_indistinguishable(served, audio_root, tmp_path_
 
 
 def test_song_windows_cover_the_song_then_space_out():
-    from gtzan_mlops.serving import song_windows
+    from gtzan_mlops.serving.classifier import song_windows
 
     settings = REFERENCE_SETTINGS
     rate = 1000
@@ -606,16 +606,16 @@ def test_a_long_song_of_two_genres_shows_both_on_its_timeline(served, gtzan_mini
 
 
 def test_serving_limits_come_from_params_and_reject_mistakes(repo_root):
-    from gtzan_mlops.config import ConfigError, load_params
-    from gtzan_mlops.serving import ServingLimits
+    from gtzan_mlops.serving.classifier import ServingLimits
+    from gtzan_mlops.settings.loading import ConfigError, load_settings
 
-    params = load_params(repo_root / "params.yaml")
+    params = load_settings(repo_root / "params.yaml")
     limits = ServingLimits.from_params(params)
     assert limits.max_rows == params["serving"]["max_rows"]
     assert limits.silence_peak == params["data"]["silence_peak"]  # one set of quality gates
     assert not limits.allow_audio_path
     for key, value, problem in [
-        ("max_rowz", 3, "serving.max_rowz: unknown setting"),
+        ("max_rowz", 3, "classifier.max_rowz: unknown setting"),
         ("max_rows", "8", "max_rows must be a number"),
         ("max_rows", 0, "max_rows must be at least 1"),
         ("allow_audio_path", True, "allow_audio_path needs an audio_root"),
@@ -636,9 +636,9 @@ def _proxy_body_limit_mib(repo_root: Path) -> int:
 
 
 def test_the_proxy_body_limit_matches_the_request_limit(repo_root):
-    from gtzan_mlops.config import load_params
+    from gtzan_mlops.settings.loading import load_settings
 
-    request_mib = load_params(repo_root / "params.yaml")["serving"]["max_request_mib"]
+    request_mib = load_settings(repo_root / "params.yaml")["serving"]["max_request_mib"]
     base64_mib = request_mib * 4 / 3
     assert base64_mib <= _proxy_body_limit_mib(repo_root) <= base64_mib + 8
 

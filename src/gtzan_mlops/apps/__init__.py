@@ -1,0 +1,1 @@
+"""The commands that run a registered model: predict, serve, listen."""

@@ -1,0 +1,1 @@
+"""The model families: building, training and loading them, and the training records."""

@@ -1,0 +1,1 @@
+"""Markdown tables and figures the stages and the report write."""

@@ -1,0 +1,1 @@
+"""The served model: raw audio of whole songs in, genres out, and the guard in front."""

@@ -1,0 +1,1 @@
+"""params.yaml read, overridden and validated into one typed object."""

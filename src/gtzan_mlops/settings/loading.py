@@ -1,0 +1,132 @@
+"""Locating the repository and reading `params.yaml` into the typed settings object."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gtzan_mlops.settings.schema import Settings
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A setting in params.yaml is missing or invalid."""
+
+
+def find_repo_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: the working directory) holding params.yaml.
+
+    DVC runs every stage from the repository root, and `dvc exp run` from a temporary copy of
+    it, so the working directory's own params.yaml is the one in force.
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder
+    raise ConfigError(f"no {PARAMS_FILE} found in {here} or any folder above it")
+
+
+def load_settings(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Settings:
+    """params.yaml (default: the one at the repository root) with `overrides` (`a.b=value`)
+    applied, validated: the typed settings object every stage and library receives."""
+    params_path = Path(path) if path is not None else find_repo_root() / PARAMS_FILE
+    return validate_settings(
+        apply_overrides(read_params(params_path), list(overrides)), params_path
+    )
+
+
+def validate_settings(params: dict[str, Any], source: Path | str = PARAMS_FILE) -> Settings:
+    """`params` checked against the schema (settings.schema), with values of their types; a
+    ConfigError lists every unknown, missing or mistyped setting by its path."""
+    from pydantic import ValidationError
+
+    from gtzan_mlops.settings import schema
+
+    try:
+        return schema.validated(params)
+    except ValidationError as error:
+        raise ConfigError(schema.describe_errors(error, str(source))) from None
+
+
+def read_params(path: Path | str | None = None) -> dict[str, Any]:
+    """params.yaml as written, not yet validated."""
+    params_path = Path(path) if path is not None else find_repo_root() / PARAMS_FILE
+    try:
+        with open(params_path, encoding="utf-8") as handle:
+            params = yaml.safe_load(handle)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{params_path}: file not found") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{params_path}: not valid YAML: {error}") from error
+    if not isinstance(params, dict):
+        raise ConfigError(f"{params_path}: expected a mapping at the top level")
+    return params
+
+
+def section(params: dict[str, Any], dotted_key: str) -> Any:
+    """params['a']['b'] for 'a.b', with an error naming the missing key."""
+    value: Any = params
+    walked = []
+    for key in dotted_key.split("."):
+        walked.append(key)
+        if not isinstance(value, dict) or key not in value:
+            raise ConfigError(f"{PARAMS_FILE}: missing setting '{'.'.join(walked)}'")
+        value = value[key]
+    return value
+
+
+def resolve_path(path: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """A path from params.yaml, relative to the repository root unless absolute."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    return ((root or find_repo_root()) / candidate).resolve()
+
+
+def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """params with `a.b=value` assignments applied (values parsed as YAML: `3`, `0.5`, `null`,
+    `[a, b]`); an unknown key is an error, so a typo never passes silently."""
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+        *parents, last = key.split(".")
+        node = section(params, ".".join(parents)) if parents else params
+        if not isinstance(node, dict) or last not in node:
+            raise ConfigError(f"{PARAMS_FILE}: no setting '{key}' to override")
+        node[last] = yaml.safe_load(text)
+    return params
+
+
+def number_setting(
+    mapping: dict[str, Any],
+    key: str,
+    where: str,
+    kind: Callable[[Any], Any],
+    minimum: float | None = None,
+) -> Any:
+    """mapping[key] as `kind` (int or float), with an error naming `where.key`."""
+    if key not in mapping:
+        raise ConfigError(f"params.yaml: missing setting '{where}.{key}'")
+    value = mapping[key]
+    try:
+        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        number = kind(value)
+        if not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(
+            f"params.yaml: {where}.{key} must be {'an integer' if kind is int else 'a number'}, "
+            f"got {value!r}"
+        ) from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"params.yaml: {where}.{key} must be at least {minimum}, got {value!r}")
+    return number

@@ -1,0 +1,437 @@
+"""The schema of params.yaml: every setting's type, range and choices, checked once at load.
+
+An unknown key, a missing key or a value of the wrong type is an error naming the key's path
+(`train.xgboost.space.max_depth.high: ...`). The schema holds no defaults: every value is the one
+written in params.yaml, so no default lives in two places. Stages get the validated settings as
+plain mappings (values coerced to their types: `seed: 3.0` from `mlflow run` becomes 3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from gtzan_mlops.settings.families import FAMILIES
+
+
+def _integer(value: Any) -> Any:
+    """Whole numbers only: 3 and 3.0 (MLflow passes numeric parameters as floats), not 3.5,
+    True or "3"."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise ValueError("must be a number")
+    if isinstance(value, int | float) and not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integer)]
+Float = Annotated[float, BeforeValidator(_number)]
+Count = Annotated[Int, Field(ge=0)]  # 0 means "one per core" where the comment says so
+Positive = Annotated[Int, Field(ge=1)]
+Share = Annotated[Float, Field(gt=0, lt=1)]
+Path = Annotated[StrictStr, Field(min_length=1)]  # relative to the repository root
+Scalar = StrictBool | Int | Float | StrictStr | None
+FeatureSet = Literal["handcrafted", "musicnn", "both"]
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
+Metric = Literal["accuracy", "macro_f1", "song_accuracy", "song_macro_f1"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # TRANSITIONAL (issue 23): read access by key while the modules move to attributes; removed
+    # when no module reads settings by key any more.
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.model_fields_set
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self else default
+
+    def keys(self) -> list[str]:
+        return [key for key in type(self).model_fields if key in self.model_fields_set]
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+class GtzanSource(Section):
+    folder: Path | None
+    archive: Path | None
+    md5: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{32}$")]
+    mirrors: list[StrictStr]
+    download_dir: Path
+    retries: Count
+    retry_backoff_s: Annotated[Float, Field(ge=0)]
+    timeout_s: Annotated[Float, Field(gt=0)]
+
+
+class DemoSource(Section):
+    clips_per_genre: Positive
+    duration_s: Annotated[Float, Field(ge=0.01)]
+    sample_rate: Annotated[Int, Field(ge=1000)]
+    seed: Count
+
+
+class Data(Section):
+    source: Literal["demo", "gtzan", "local"]
+    local_dir: Path | None
+    gtzan: GtzanSource
+    demo: DemoSource
+    min_duration_s: Annotated[Float, Field(ge=0)]
+    silence_peak: Annotated[Float, Field(ge=0)]
+    max_peak: Annotated[Float, Field(gt=1)]
+
+
+class Duplicates(Section):
+    fingerprint_seconds: Annotated[Float, Field(gt=0)]
+    window_s: Annotated[Float, Field(gt=0)]
+    max_offset_s: Annotated[Float, Field(ge=0)]
+    min_similarity: Annotated[Float, Field(gt=0.5, le=1)]
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> Duplicates:
+        if self.window_s + self.max_offset_s > self.fingerprint_seconds:
+            raise ValueError("window_s + max_offset_s exceed fingerprint_seconds")
+        return self
+
+
+# --- features -------------------------------------------------------------------------------
+
+
+class Musicnn(Section):
+    weights_dir: Path | None
+
+
+class Features(Section):
+    sample_rate: Annotated[Int, Field(ge=1000)]
+    n_fft: Positive
+    hop_length: Positive
+    n_mfcc: Positive
+    clip_seconds: Annotated[Float, Field(gt=0)]
+    segment_seconds: Annotated[Float, Field(gt=0)]
+    last_segment_min_fraction: Annotated[Float, Field(gt=0, le=1)]
+    loudness_target_dbfs: Annotated[Float, Field(le=0)] | None
+    loudness_max_gain_db: Annotated[Float, Field(ge=0)]
+    musicnn: Musicnn
+
+
+class Pca(Section):
+    seed: Count
+
+
+# --- split ----------------------------------------------------------------------------------
+
+
+Sha256 = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ArtistFiltered(Section):
+    level: Literal["clip", "segment"]
+    lists_dir: Path | None
+    url: StrictStr
+    download_dir: Path
+    timeout_s: Annotated[Float, Field(gt=0)]
+    sha256: (
+        dict[Literal["train_filtered.txt", "valid_filtered.txt", "test_filtered.txt"], Sha256]
+        | None
+    )
+
+
+class Split(Section):
+    strategy: Literal["clip_stratified", "song_grouped", "random_segments", "artist_filtered"]
+    seed: Count
+    test_size: Share
+    valid_size: Annotated[Float, Field(ge=0, lt=1)]
+    artists_file: Path | None
+    group_duplicates: StrictBool
+    artist_filtered: ArtistFiltered
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+class IntRange(Section):
+    type: Literal["int"]
+    low: Int
+    high: Int
+    step: Positive | None = None  # the notation's optional keys: Optuna's own defaults
+    log: StrictBool | None = None
+
+
+class FloatRange(Section):
+    type: Literal["float"]
+    low: Float
+    high: Float
+    step: Annotated[Float, Field(gt=0)] | None = None
+    log: StrictBool | None = None
+
+
+class Choice(Section):
+    type: Literal["categorical"]
+    choices: Annotated[list[Scalar], Field(min_length=1)]
+
+
+def _space_kind(value: Any) -> str:
+    """The union's branch: a mapping's `type` (read again from the model when serialising)."""
+    if isinstance(value, IntRange | FloatRange | Choice):
+        return value.type
+    if isinstance(value, dict):
+        return str(value.get("type", "fixed-mapping"))
+    return "fixed"
+
+
+SpaceEntry = Annotated[
+    Annotated[IntRange, Tag("int")]
+    | Annotated[FloatRange, Tag("float")]
+    | Annotated[Choice, Tag("categorical")]
+    | Annotated[Scalar, Tag("fixed")],
+    Discriminator(
+        _space_kind,
+        custom_error_type="search_space_entry",
+        custom_error_message="must be a fixed value or a mapping with type int, float or "
+        "categorical",
+    ),
+]
+
+
+class Tuning(Section):
+    n_trials: Positive
+    defaults: dict[StrictStr, Scalar]
+    space: dict[StrictStr, SpaceEntry]
+
+
+class Pruner(Section):
+    n_startup_trials: Count
+    n_warmup_steps: Count
+
+
+class Train(Section):
+    families: Annotated[list[Family], Field(min_length=1)]
+    feature_sets: Annotated[list[FeatureSet], Field(min_length=1)]
+    candidate_feature_sets: list[FeatureSet]
+    seed: Count
+    objective: Metric
+    refit_on: Literal["train", "train_valid"]
+    optuna_storage: StrictStr | None
+    pruner: Pruner
+    naive_bayes: Tuning
+    sgd: Tuning
+    knn: Tuning
+    decision_tree: Tuning
+    random_forest: Tuning
+    svm: Tuning
+    logistic_regression: Tuning
+    mlp: Tuning
+    fnn: Tuning
+    fnn_simple: Tuning
+    xgboost: Tuning
+
+
+class Selection(Section):
+    source: Literal["validation", "cross_validation"]
+    metric: Metric
+    folds: Annotated[Int, Field(ge=2)]
+    seed: Count
+
+
+class Uncertainty(Section):
+    level: Share
+    n_resamples: Annotated[Int, Field(ge=100)]
+    seed: Count
+
+
+class Evaluate(Section):
+    candidates: Annotated[list[Family], Field(min_length=1)]
+    families: list[Family] | None
+
+
+class Behaviour(Section):
+    min_unchanged: Annotated[Float, Field(ge=0, le=1)]
+    gains_db: list[Annotated[Float, Field(lt=0)]]
+    shift_s: Annotated[Float, Field(ge=0)]
+    resample_rate: Positive
+    resample_channels: Positive
+    mp3_kbps: Annotated[Int, Field(ge=8, le=320)]
+
+
+class Promote(Section):
+    model_name: Annotated[StrictStr, Field(min_length=1)]
+    metric: Literal["song_accuracy", "song_macro_f1"]
+    min_improvement: Annotated[Float, Field(ge=0)]
+    require_significant: StrictBool
+    unloadable_champion: Literal["stop", "absent"]
+    experiment_name: Annotated[StrictStr, Field(min_length=1)] | None
+    behaviour: Behaviour
+
+
+class Serving(Section):
+    max_rows: Positive
+    max_request_mib: Annotated[Float, Field(gt=0)]
+    max_upload_mib: Annotated[Float, Field(gt=0)]
+    max_audio_seconds: Annotated[Float, Field(gt=0)]
+    max_channels: Positive
+    max_sample_rate: Positive
+    max_decoded_mib: Annotated[Float, Field(gt=0)]
+    max_segments: Positive
+    max_concurrent_decodes: Positive
+    max_queue_wait_s: Annotated[Float, Field(ge=0)]
+    request_timeout_s: Annotated[Float, Field(gt=0)]
+    musicnn_batch_size: Positive
+    allow_audio_path: StrictBool
+    audio_root: Path | None
+
+
+class Tracking(Section):
+    experiment_name: Annotated[StrictStr, Field(min_length=1)]
+
+
+class FeatureSetComparison(Section):
+    features_dir: Path | None
+    n_splits: Annotated[Int, Field(ge=2)]
+    n_repeats: Positive
+    seed: Count
+
+
+class Report(Section):
+    reference_table: Path | None
+    segments_table: Path | None
+    lists_dir: Path | None
+    families: list[Family] | None
+    seeds: Annotated[list[Count], Field(min_length=1)]
+    test_size: Share
+    output_dir: Path
+    feature_sets: FeatureSetComparison
+    published: dict[Family, Annotated[Float, Field(ge=0, le=1)]]
+
+
+# --- where and how fast ---------------------------------------------------------------------
+
+
+class Paths(Section):
+    raw: Path
+    manifest: Path
+    duplicates: Path
+    duplicate_pairs: Path
+    duplicates_report: Path
+    features: Path
+    features_cache: Path
+    pca: Path
+    split: Path
+    train_records: Path
+    train_reports: Path
+    evaluate_reports: Path
+    promote_reports: Path
+    metrics: Path
+
+
+class Workers(Section):
+    workers: Count
+
+
+class FeatureResources(Section):
+    workers: Count
+    chunksize: Positive
+    musicnn_batch_size: Positive
+
+
+class ServeResources(Section):
+    malloc_arena_max: Positive
+    malloc_mmap_threshold_kib: Positive
+
+
+class Resources(Section):
+    fetch: Workers
+    duplicates: Workers
+    features: FeatureResources
+    train: Annotated[Workers, Field(description="Optuna worker processes per stage")]
+    serve: ServeResources
+
+
+class Settings(Section):
+    """params.yaml, validated: the one settings object the stages and libraries receive."""
+
+    genres: Annotated[list[StrictStr], Field(min_length=2)]
+    paths: Paths
+    resources: Resources
+    data: Data
+    duplicates: Duplicates
+    features: Features
+    pca: Pca
+    split: Split
+    train: Train
+    selection: Selection
+    uncertainty: Uncertainty
+    evaluate: Evaluate
+    promote: Promote
+    serving: Serving
+    mlflow: Tracking
+    report: Report
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if len(set(self.genres)) != len(self.genres):
+            raise ValueError("genres: a genre is listed twice")
+        missing = sorted(set(self.evaluate.candidates) - set(self.train.families))
+        if missing:
+            raise ValueError(f"evaluate.candidates: {missing} are not in train.families")
+        return self
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    """`train.sgd.space.alpha.high` from pydantic's location, without the union's tags."""
+    tags = {"int", "float", "categorical", "fixed", "function-after[_window_fits()]"}
+    parts = [str(part) for part in location if str(part) not in tags]
+    return ".".join(parts) or "(top level)"
+
+
+def describe_errors(error: ValidationError, source: str) -> str:
+    """One line per problem, each naming the setting by its path."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        path = _key_path(problem["loc"])
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{source}: unknown setting '{path}'")
+        elif kind == "missing":
+            lines.append(f"{source}: missing setting '{path}'")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            given = problem.get("input")
+            shown = "" if isinstance(given, dict | list) else f", got {given!r}"
+            lines.append(f"{source}: {path}: {message}{shown}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def validated(params: dict[str, Any]) -> Settings:
+    """`params` checked against the schema, values coerced to their types; raises
+    pydantic's ValidationError (settings.loading.validate_settings turns it into a
+    ConfigError)."""
+    return Settings.model_validate(params)
