@@ -53,9 +53,10 @@ test: setup ## the test suite (needs ../shared and .ci/system-packages.sh)
 	pytest -m timing || status=$$?; \
 	exit $$status
 
-lint: setup ## ruff check and format check
+lint: setup ## ruff check and format check, and the architecture's import contracts
 	ruff check src tests benchmarks tools
 	ruff format --check src tests benchmarks tools
+	lint-imports
 
 format: setup ## ruff format and fix
 	ruff format src tests benchmarks tools

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import soundfile
 
+from gtzan_mlops.data import duplicates
+from gtzan_mlops.data.manifest import ManifestGates, build_manifest
 from gtzan_mlops.settings.loading import load_settings
-from gtzan_mlops.stages import duplicates, fetch
+from gtzan_mlops.stages import duplicates as duplicates_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENRES_DIR = REPO_ROOT.parent / "shared" / "data" / "gtzan_mini" / "genres"
@@ -26,11 +28,11 @@ GENRES_DIR = REPO_ROOT.parent / "shared" / "data" / "gtzan_mini" / "genres"
 
 def main() -> None:
     params = load_settings(REPO_ROOT / "params.yaml")
-    settings = duplicates.MatchSettings.from_params(params)
+    settings = params.duplicates
     paths = sorted(GENRES_DIR.glob("*/*.wav"))
     prints = [duplicates.fingerprint(path, settings.fingerprint_seconds) for path in paths]
     similarity, _ = duplicates.fingerprint_matches(
-        prints, settings.window_items, settings.max_offset_items
+        prints, duplicates.window_items(settings), duplicates.max_offset_items(settings)
     )
     np.fill_diagonal(similarity, 0)
     either = np.maximum(similarity, similarity.T)
@@ -41,9 +43,7 @@ def main() -> None:
         f"a match needs {settings.min_similarity}"
     )
 
-    gates = fetch.ManifestGates(
-        tuple(params["genres"]), params["data"]["min_duration_s"], params["data"]["silence_peak"]
-    )
+    gates = ManifestGates.of(params)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         folder = root / "data/raw/genres/blues"
@@ -55,10 +55,10 @@ def main() -> None:
         quieter = librosa.resample(samples, orig_sr=rate, target_sr=16000) * 10 ** (-6 / 20)
         soundfile.write(folder / "blues.90001.wav", quieter, 16000)
         soundfile.write(folder / "blues.90002.wav", samples[2 * rate :], rate)
-        manifest = fetch.build_manifest(root / "data/raw", root, "copies", gates, 2, False)
+        manifest = build_manifest(root / "data/raw", root, "copies", gates, 2, False)
         manifest.to_csv(root / "data/manifest.csv", index=False)
-        print(duplicates.describe(duplicates.run(params, root)))
-        print(pd.read_csv(root / params["paths"]["duplicate_pairs"]).to_string(index=False))
+        print(duplicates_stage.describe(duplicates_stage.run(params, root)))
+        print(pd.read_csv(root / params.paths.duplicate_pairs).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Three ways of computing the same 57 features for every clip and each of its 3 s 
      scipy's 2-D median filter), one clip at a time -- how most GTZAN projects do it;
   2. project, one process: `gtzan_mlops.features.handcrafted.extract_clip`;
   3. project, all cores: the features stage's process pool
-     (`gtzan_mlops.stages.features.extract_all`).
+     (`gtzan_mlops.features.extraction.extract_all`).
 Each way runs in a fresh interpreter so its peak memory (max RSS, children included) is its own.
 Way 3 also runs on half of the clips, to show that peak memory does not grow with the clip count.
 Prints clips per second, speed against real time, peak memory, the ratios 2/1 and 3/1, and the
@@ -79,7 +79,8 @@ def run_way(way: str, paths: list[Path], workers: int) -> dict[str, np.ndarray]:
             features = extract_clip(load_waveform(path, settings.sample_rate), settings)
             results[str(path)] = np.vstack([features.clip, features.segments])
     else:
-        from gtzan_mlops.stages.features import ClipJob, ExtractionSettings, extract_all
+        from gtzan_mlops.features.extraction import ClipJob, extract_all
+        from gtzan_mlops.features.feature_sets import ExtractionSettings
 
         with tempfile.TemporaryDirectory() as cache:  # empty cache: every clip is extracted
             jobs = [
@@ -87,7 +88,7 @@ def run_way(way: str, paths: list[Path], workers: int) -> dict[str, np.ndarray]:
                 for index, path in enumerate(paths)
             ]
             # The hand-crafted features only: what ways 1 and 2 compute.
-            pool_settings = ExtractionSettings(settings)
+            pool_settings = ExtractionSettings(settings, None, None)
             for result in extract_all(jobs, pool_settings, workers, chunksize=2):
                 if result.features is None:
                     raise SystemExit(result.error)
@@ -101,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
     paths = list_clips(args.clips_dir, args.limit)
     import librosa
 
-    import gtzan_mlops.stages.features  # noqa: F401  (imports are not part of the timed work)
+    import gtzan_mlops.features.extraction  # noqa: F401  (imports are not part of the timed work)
 
     warm = np.random.default_rng(0).normal(0, 0.1, 22050 * 3).astype(np.float32)
     librosa.feature.tempo(y=warm, sr=22050)  # numba compiles on first call; keep it out of timing

@@ -25,8 +25,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from gtzan_mlops.settings.schema import Settings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -71,7 +75,7 @@ class WorkerPeak:
         self._thread.join()
 
 
-def project_params() -> dict:
+def project_params() -> Settings:
     """The repository's params.yaml, validated: the batch size and the folds of the report."""
     from gtzan_mlops.settings.loading import load_settings
 
@@ -87,7 +91,7 @@ def embedding_seconds(paths: list[Path]) -> tuple[list[float], float]:
 
     settings = REFERENCE_SETTINGS
     start = time.perf_counter()
-    batch_size = project_params()["resources"]["features"]["musicnn_batch_size"]
+    batch_size = project_params().resources.features.musicnn_batch_size
     embedder = musicnn.MusicnnEmbedder(musicnn.weights_dir(None), batch_size)
     build = time.perf_counter() - start
     timings = []
@@ -107,13 +111,14 @@ def embedding_seconds(paths: list[Path]) -> tuple[list[float], float]:
 def stage_run(paths: list[Path], workers: int, with_musicnn: bool, cache: Path):
     """The stage's extraction of every clip; (seconds, worker peak bytes, results)."""
     from gtzan_mlops.features import musicnn
+    from gtzan_mlops.features.extraction import ClipJob, extract_all
+    from gtzan_mlops.features.feature_sets import ExtractionSettings
     from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
-    from gtzan_mlops.stages.features import ClipJob, ExtractionSettings, extract_all
 
     settings = ExtractionSettings(
         REFERENCE_SETTINGS,
         musicnn.weights_dir(None) if with_musicnn else None,
-        project_params()["resources"]["features"]["musicnn_batch_size"],
+        project_params().resources.features.musicnn_batch_size if with_musicnn else None,
     )
     jobs = [
         ClipJob(p.stem, p.parent.name, p, cache / f"{int(with_musicnn)}-{p.stem}.npz")
@@ -140,7 +145,7 @@ def main() -> None:
 
     from gtzan_mlops.evaluation import comparison
     from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
-    from gtzan_mlops.stages import features as features_stage
+    from gtzan_mlops.features.tables import build_tables
 
     paths = list_clips(args.clips_dir, args.limit)
     print(f"{len(paths)} clips from {args.clips_dir}, {os.cpu_count()} cores\n")
@@ -171,15 +176,11 @@ def main() -> None:
             f"{'met' if after[1] < 2 * 1024 * MIB else 'MISSED'})"
         )
 
-        tables = features_stage.build_tables(after[2], REFERENCE_SETTINGS)
+        tables = build_tables(after[2], REFERENCE_SETTINGS)
         for name, table in tables.items():
             table.to_csv(folder / name, index=False)
-        folds = project_params()["report"]["feature_sets"]
-        scores = comparison.compare_feature_sets(
-            folder,
-            REFERENCE_SETTINGS.n_mfcc,
-            comparison.ComparisonSettings(folds["n_splits"], folds["n_repeats"], folds["seed"]),
-        )
+        folds = project_params().report.feature_sets
+        scores = comparison.compare_feature_sets(folder, REFERENCE_SETTINGS.n_mfcc, folds)
     print(f"\n3. accuracy, clip-level vectors, split {comparison.SPLIT_LABEL} (whole clips,")
     print("   artists not kept apart), 21 folds, the same folds for every row")
     print("   " + "\n   ".join(comparison.markdown_table(scores)))

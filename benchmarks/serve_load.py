@@ -6,9 +6,10 @@ it is). Each song kind x client count gets a FRESH server (so idle memory and gr
 own), on a free port of 127.0.0.1: its start-up time (to /ping 200) and RSS are taken, a
 warm-up request is sent (not counted) and the idle RSS taken 2 s later; then N threads each send
 --requests-per-client requests back to back (timeout 300 s), with the RSS sampled every 0.2 s
-(--bombs: serve.py's three decompression bombs go at once during the load, to be answered 4xx);
-the RSS is taken again 10 s after. RSS: the sum of VmRSS over the server's process tree. Every
-status is counted (200, 429, 503, 504, other), with Retry-After; every 200 is checked.
+(--bombs: serve_requests.py's three decompression bombs go at once during the load, to be
+answered 4xx); the RSS is taken again 10 s after. RSS: the sum of VmRSS over the server's
+process tree. Every status is counted (200, 429, 503, 504, other), with Retry-After; every 200
+is checked.
 
 Songs, built before any timing: "30s", the real GTZAN clips of ../shared/data/gtzan_mini (WAV,
 cycling through the genres); "10min", 20 of them concatenated as a 44.1 kHz stereo 128 kbps MP3
@@ -23,7 +24,6 @@ made by `lame`. Prints a Markdown table; the figures are not asserted: exits 0 o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -39,9 +39,14 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from serve_model import BenchmarkError, Champion, describe_model, project_champion
+from serve_requests import bomb_bodies, check_answer, list_clips, post, request_body
+from serve_server import RssSampler, free_port, project_serve
 
-from gtzan_mlops.serving.classifier import ServingLimits, ServingSpec, log_serving_model
+from gtzan_mlops.serving.packaging import log_serving_model
+from gtzan_mlops.serving.spec import ServingSpec
 from gtzan_mlops.settings.loading import ConfigError, load_settings
+from gtzan_mlops.settings.schema import ServedConfig
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
@@ -59,48 +64,6 @@ AFTER_LOAD_WAIT_S = 10.0  # before the after-load RSS: time to free what the loa
 SAMPLE_PERIOD_S = 0.2
 GROWTH_LIMIT_MIB = 300
 AFTER_LOAD_LIMIT_MIB = 100
-
-
-# benchmarks/serve.py under its own name (a bare `import serve` takes any `serve` on sys.path),
-# registered before it runs because its dataclasses look their module up in sys.modules.
-_spec = importlib.util.spec_from_file_location("serve_benchmark", BENCHMARKS_DIR / "serve.py")
-serve_benchmark = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serve_benchmark)
-BenchmarkError = serve_benchmark.BenchmarkError
-
-
-class ProjectServer(serve_benchmark.Server):
-    """The project's `gtzan-mlops serve` (its queue limits and refusals are what is measured)
-    in its own process group; waiting for /ping, CPU, memory and stop() are serve.py's."""
-
-    def __init__(self, champion: serve_benchmark.Champion, workers: int, log_path: Path) -> None:
-        # Not Server.__init__: that one starts a bare `mlflow models serve`.
-        self.port = serve_benchmark.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.command = [
-            *(str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", champion.uri),
-            *("--params", str(REPO_ROOT / "params.yaml"), "--host", "127.0.0.1"),
-            *("--port", str(self.port), "--workers", str(workers)),
-        ]
-        store = {"MLFLOW_TRACKING_URI": champion.store, "MLFLOW_REGISTRY_URI": champion.store}
-        self.log = log_path.open("w")
-        self.process = subprocess.Popen(
-            self.command,
-            env={**os.environ, **store},
-            cwd=log_path.parent,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group: uvicorn's workers are grandchildren
-        )
-
-
-class LoadRssSampler(serve_benchmark.RssSampler):
-    """serve.py's sampler of the summed RSS of the server's tree, at this benchmark's period."""
-
-    def _sample(self) -> None:
-        while not self.stopped.wait(SAMPLE_PERIOD_S):
-            self.peak_mib = max(self.peak_mib, self.rss_mib())
 
 
 @dataclass
@@ -174,7 +137,7 @@ def build_songs(kinds: list[str], clips: list[Path], needed: int, folder: Path) 
     songs = []
     for kind in kinds:
         paths = clips[:needed] if kind == "30s" else [encode_long_song(clips, folder)]
-        songs.append(Song(kind, [serve_benchmark.request_body(path, False) for path in paths]))
+        songs.append(Song(kind, [request_body(path, False) for path in paths]))
     return songs
 
 
@@ -182,12 +145,12 @@ def send(session: requests.Session, url: str, body: bytes, classes: list[str] | 
     """One request, timed; with `classes`, a 200 must pass serve.py's check_answer."""
     started = time.perf_counter()
     try:
-        response = serve_benchmark.post(session, url, body, REQUEST_TIMEOUT_S)
+        response = post(session, url, body, REQUEST_TIMEOUT_S)
     except requests.RequestException as error:  # counted as "other", the load goes on
         return Outcome(None, time.perf_counter() - started, error=type(error).__name__)
     seconds = time.perf_counter() - started
     if response.status_code == 200 and classes is not None:
-        serve_benchmark.check_answer(response, classes, "an HTTP 200 answer")
+        check_answer(response, classes, "an HTTP 200 answer")
     return Outcome(response.status_code, seconds, response.headers.get("Retry-After"))
 
 
@@ -211,15 +174,15 @@ def run_load(url: str, song: Song, clients: int, plan: Plan) -> tuple[list[Outco
     return [outcome for load in loads for outcome in load.result()], [b.result() for b in bombs]
 
 
-def measure(champion: serve_benchmark.Champion, song: Song, clients: int, plan: Plan) -> Row:
+def measure(champion: Champion, song: Song, clients: int, plan: Plan) -> Row:
     """One configuration on a fresh server, stopped whatever happens."""
     row = Row(song.kind, clients)
     log_path = plan.scratch / f"{song.kind}-{clients}.log"
-    server = ProjectServer(champion, plan.workers, log_path)
-    url = f"{server.url}/invocations"
-    try:
-        row.startup_s = server.wait_ready(STARTUP_TIMEOUT_S)
-        sampler = LoadRssSampler(server)
+    port = free_port()
+    with project_serve(champion, plan.workers, port, log_path, STARTUP_TIMEOUT_S) as server:
+        url = f"{server.url}/invocations"
+        row.startup_s = server.ready_s
+        sampler = RssSampler(server, SAMPLE_PERIOD_S)
         row.rss_at_start_mib = sampler.rss_mib()
         with requests.Session() as session:
             warm_up = send(session, url, song.bodies[0], plan.classes)
@@ -234,8 +197,6 @@ def measure(champion: serve_benchmark.Champion, song: Song, clients: int, plan: 
         row.peak_mib = sampler.peak_mib
         time.sleep(AFTER_LOAD_WAIT_S)
         row.after_load_mib = sampler.rss_mib()
-    finally:
-        server.stop()
     return row
 
 
@@ -285,7 +246,7 @@ def print_report(rows: list[Row]) -> None:
             print(f"other ({row.kind}, {row.clients} clients): {dict(odd)}")
 
 
-def repackaged(champion: serve_benchmark.Champion, folder: Path) -> serve_benchmark.Champion:
+def repackaged(champion: Champion, folder: Path) -> Champion:
     """The model's classifier, spec and musicnn weights packaged again by this checkout's
     serving code with params.yaml's serving settings, as the promote stage would log it today,
     in a scratch store. The limits are the model's config, and MLflow ignores a serve-time
@@ -297,7 +258,8 @@ def repackaged(champion: serve_benchmark.Champion, folder: Path) -> serve_benchm
     artifacts = Model.load(str(local)).flavors["python_function"]["artifacts"]
     spec = ServingSpec.from_dict(json.loads((local / artifacts["spec"]["path"]).read_text()))
     weights = artifacts.get("musicnn_weights")
-    limits = ServingLimits.from_params(load_settings(REPO_ROOT / "params.yaml"))
+    settings = load_settings(REPO_ROOT / "params.yaml")
+    config = ServedConfig.of(settings.serving, settings.data)
     store = f"sqlite:///{folder / 'store.db'}"
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("gtzan-serve-load-benchmark")
@@ -305,30 +267,29 @@ def repackaged(champion: serve_benchmark.Champion, folder: Path) -> serve_benchm
         info = log_serving_model(
             spec,
             str(local / artifacts["classifier"]["path"]),
-            limits,
+            config,
             musicnn_weights=local / weights["path"] if weights else None,
         )
     print(f"served:  {info.model_uri}, {champion.uri} repackaged with params.yaml's serving")
-    return serve_benchmark.Champion(info.model_uri, store, champion.note)
+    return Champion(info.model_uri, store, champion.note)
 
 
-def model_to_serve(model_uri: str) -> tuple[serve_benchmark.Champion, list[str]]:
+def model_to_serve(model_uri: str) -> tuple[Champion, list[str]]:
     """--model in the project's store, else its champion; prints it, returns it and its classes."""
-    from mlflow.models import Model
-
     from gtzan_mlops import tracking
 
     if model_uri:
-        champion = serve_benchmark.Champion(model_uri, tracking.tracking_uri(REPO_ROOT))
+        champion = Champion(model_uri, tracking.tracking_uri(REPO_ROOT))
     else:
-        params = load_settings(REPO_ROOT / "params.yaml")
-        champion, reason = serve_benchmark.project_champion(params)
+        champion, reason = project_champion(load_settings(REPO_ROOT / "params.yaml"))
         if champion is None:
             raise BenchmarkError(f"no champion to serve: {reason}; pass --model URI")
-    described = serve_benchmark.describe_model(champion)  # also points MLflow at the store
-    feature_set = (Model.load(champion.uri).metadata or {}).get("gtzan", {}).get("feature_set", "?")
+    described = describe_model(champion)  # also points MLflow at the store
     print(f"model:   {champion.uri} {champion.note}\nstore:   {champion.store}")
-    print(f"family:  {described['family']}, feature set {feature_set}, level {described['level']}")
+    print(
+        f"family:  {described['family']}, feature set {described['feature_set']}, "
+        f"level {described['level']}"
+    )
     if not described["classes"]:
         raise BenchmarkError(f"{champion.uri}: no classes in the model's metadata")
     return champion, described["classes"]
@@ -339,9 +300,9 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
     champion, classes = model_to_serve(args.model)
     if not args.as_logged:
         champion = repackaged(champion, scratch / "repackaged")
-    clips = serve_benchmark.list_clips(CLIPS_DIR)
+    clips = list_clips(CLIPS_DIR)
     songs = build_songs(args.songs, clips, max(args.clients) * args.requests_per_client, scratch)
-    bombs = serve_benchmark.bomb_bodies() if args.bombs else {}
+    bombs = bomb_bodies() if args.bombs else {}
     plan = Plan(args.workers, args.requests_per_client, classes, bombs, scratch)
     print(f"machine: {os.cpu_count()} cores; server workers: {args.workers}", flush=True)
     rows = []

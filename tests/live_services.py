@@ -5,6 +5,7 @@ real stage CLIs run in."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
 import random
@@ -24,7 +25,7 @@ import requests
 import yaml
 
 from gtzan_mlops.features.feature_sets import write_settings
-from gtzan_mlops.features.handcrafted import FEATURE_NAMES, FeatureSettings
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES
 
 SERVER_START_TIMEOUT_S = 180
 
@@ -98,10 +99,15 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 20) -> None:
 
 
 def wait_until_serving(
-    url: str, process: subprocess.Popen, log: Path, health: str = "/health"
+    url: str,
+    process: subprocess.Popen,
+    log: Path,
+    health: str = "/health",
+    timeout_s: float = SERVER_START_TIMEOUT_S,
 ) -> None:
-    """Poll the server's `health` endpoint until it answers 200; fail with its log if it exits."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    """Poll the server's `health` endpoint until it answers 200; fail with its log if it exits
+    or has not answered within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(
@@ -113,9 +119,59 @@ def wait_until_serving(
                 return
         time.sleep(0.5)
     raise AssertionError(
-        f"{url} did not answer within {SERVER_START_TIMEOUT_S} s:\n"
-        f"{log.read_text(errors='replace')[-5000:]}"
+        f"{url} did not answer within {timeout_s:g} s:\n{log.read_text(errors='replace')[-5000:]}"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    url: str  # http://127.0.0.1:<port>
+    process: subprocess.Popen  # the leader of the server's own process group
+    log: Path  # its stdout and stderr
+    ready_s: float  # from its start to its first healthy answer
+
+
+@contextlib.contextmanager
+def running_server(
+    argv: list[str],
+    port: int,
+    log: Path,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    health: str = "/health",
+    timeout_s: float = SERVER_START_TIMEOUT_S,
+) -> Iterator[RunningServer]:
+    """Run `argv`, a server that binds 127.0.0.1:`port`, in its own process group (so that its
+    workers stop with it), output to `log`, until the block ends; yields it once `health`
+    answers 200. Stopped (its whole process group) whatever happens."""
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    started = time.monotonic()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, process, log, health, timeout_s)
+        yield RunningServer(url, process, log, time.monotonic() - started)
+    finally:
+        stop_process(process)
+
+
+def mlflow_command(command: str, options: list[str], port: int) -> list[str]:
+    """`mlflow <command> <options>` on 127.0.0.1:`port`, by this environment's mlflow."""
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    return [str(mlflow_cli), command, *options, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def gtzan_serve_command(model_uri: str, port: int, options: list[str] | None = None) -> list[str]:
+    """`gtzan-mlops serve --model URI <options>` (the guarded scoring app) on `port`."""
+    command = [str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", model_uri]
+    return [*command, *(options or []), "--port", str(port)]
 
 
 @contextlib.contextmanager
@@ -131,22 +187,8 @@ def mlflow_server(
     folder in /dev/shm behind."""
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or clean_env())}
     port = free_port()
-    mlflow_cli = Path(sys.executable).parent / "mlflow"
-    argv = [str(mlflow_cli), command, *options, "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as log_file:
-        process = subprocess.Popen(
-            argv,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group, so its workers stop with it
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, process, log)
-        yield url
-    finally:
-        stop_process(process)
+    with running_server(mlflow_command(command, options, port), port, log, env) as server:
+        yield server.url
 
 
 # --- a small project the real stage CLIs run in ----------------------------------------------
@@ -290,7 +332,7 @@ def small_project(
     clips.to_csv(features / "features_30_sec.csv", index=False)
     segments.to_csv(features / "features_3_sec.csv", index=False)
     params = load_settings(params_path)
-    write_settings(features, FeatureSettings.from_params(params))  # as the features stage does
+    write_settings(features, params.features)  # as the features stage does
     split.run(params, folder)
     return folder
 
@@ -443,20 +485,8 @@ def s3_server(log: Path) -> Iterator[str]:
     accepted: use S3_TEST_ENV. Stopped (its process group) whatever happens."""
     port = free_port()
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with log.open("w") as log_file:
-        process = subprocess.Popen(
-            argv,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, process, log, health="/moto-api/data.json")
-        yield url
-    finally:
-        stop_process(process)
+    with running_server(argv, port, log, clean_env(), health="/moto-api/data.json") as server:
+        yield server.url
 
 
 @contextlib.contextmanager
@@ -466,14 +496,5 @@ def gtzan_serve(
     """`gtzan-mlops serve --model URI` (the guarded scoring app) on a free port with `env`;
     yields its base URL and stops it whatever happens."""
     port = free_port()
-    command = [str(Path(sys.executable).parent / "gtzan-mlops"), "serve", "--model", model_uri]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], cwd=cwd, env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}", process, log_path)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(process)
+    with running_server(gtzan_serve_command(model_uri, port), port, log_path, env, cwd) as server:
+        yield server.url

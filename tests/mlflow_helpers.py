@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import shutil
 import tempfile
@@ -21,8 +20,11 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS
-from gtzan_mlops.serving.classifier import ServingLimits, ServingSpec, log_serving_model
+from gtzan_mlops.serving.limits import read_served_config
+from gtzan_mlops.serving.packaging import log_serving_model
+from gtzan_mlops.serving.spec import ServingSpec
 from gtzan_mlops.settings.loading import load_settings
+from gtzan_mlops.settings.schema import ServedConfig
 
 GENRES = ["blues", "classical", "country", "disco", "hiphop"]
 GENRES += ["jazz", "metal", "pop", "reggae", "rock"]
@@ -104,10 +106,11 @@ def log_sklearn(model: Pipeline, name: str = "model") -> str:
         ).model_uri
 
 
-def serving_limits(**overrides) -> ServingLimits:
-    """The project's serving limits (params.yaml), with `overrides`."""
-    params = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
-    return dataclasses.replace(ServingLimits.from_params(params), **overrides)
+def serving_limits(**overrides) -> ServedConfig:
+    """The project's served config (params.yaml), with `overrides` (checked)."""
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
+    config = ServedConfig.of(settings.serving, settings.data)
+    return read_served_config({**config.model_dump(), **overrides})
 
 
 def log_served(
@@ -170,8 +173,8 @@ def is_test_track(track_id: str) -> bool:
 def synthetic_test_data(
     split_sha256: str = "split-v1", features: str = "features-v1", leaky: bool = False
 ):
-    """TestData of the synthetic tables' test songs (what evaluate.load_test_data returns from
-    real files), plus the training rows of each level."""
+    """TestData of the synthetic tables' test songs (what evaluation.test_data.load_test_data
+    returns from real files), plus the training rows of each level."""
     from gtzan_mlops.evaluation.test_data import TestData
 
     clips, segments = synthetic_tables()

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gtzan_mlops.settings.loading import load_settings, validate_settings
+from gtzan_mlops.settings.loading import read_params, validate_settings
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def project_params(updates: dict[str, Any] | None = None, validate: bool = True) -> dict[str, Any]:
-    """params.yaml, validated, with dotted keys (`split.seed`) set to other values: every
-    setting a stage reads. `validate=False` keeps a value the schema would refuse, to test the
-    stage's own check."""
-    params = load_settings(PARAMS_FILE)
+def project_params(updates: dict[str, Any] | None = None, validate: bool = True) -> Any:
+    """params.yaml with dotted keys (`split.seed`) set to other values, validated: the typed
+    settings a stage receives. `validate=False` returns the raw mapping instead (to write a
+    params.yaml, or to change it further before `validate_settings`)."""
+    params = read_params(PARAMS_FILE)
     for dotted, value in (updates or {}).items():
         *parents, last = dotted.split(".")
         node = params

@@ -1,4 +1,5 @@
-"""`gtzan-mlops <command>`: one entry point for every pipeline stage; dvc.yaml calls these."""
+"""`gtzan-mlops <command>`: one entry point for every stage and app, and the command line they
+share: --params and --set, the typed settings they load, one line of output, exit codes."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def stage_main(
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """The command line of a stage: parse its options (`arguments`, then --params and --set),
-    call `run(params, root)` (`run(params, root, args)` when it has `arguments` of its own),
+    call `run(settings, root)` (`run(settings, root, args)` when it has `arguments` of its own),
     print one line, `describe(result)` or `summary_line`; a ConfigError, a missing file or one
     of `errors` ends it with its message on stderr and exit status 1, without a traceback."""
 

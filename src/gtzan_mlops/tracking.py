@@ -150,7 +150,7 @@ def source_digest(*modules: str) -> str:
 # The sub-packages that compute what the stages write. The others parse arguments (cli),
 # validate settings (settings), record runs (tracking) or draw reports (reports): a change to
 # them changes no table, split, model or metric, so no stage depends on them.
-COMPUTE_PACKAGES = ("data", "features", "models", "evaluation", "serving")
+COMPUTE_PACKAGES = ("data", "features", "models", "evaluation", "serving", "promotion")
 
 
 def _module_file(package: Path, dotted: str) -> Path | None:

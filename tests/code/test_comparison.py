@@ -11,7 +11,9 @@ from project_params import project_params
 from gtzan_mlops.evaluation import comparison
 from gtzan_mlops.features import feature_sets, musicnn
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
-from gtzan_mlops.stages.report import ReportSettings, feature_set_section
+from gtzan_mlops.reports.reproduction import display_path
+from gtzan_mlops.settings.loading import resolve_path
+from gtzan_mlops.settings.schema import FeatureSetComparison
 
 CLIPS_PER_GENRE = 7
 
@@ -40,9 +42,15 @@ def _write_tables(folder, informative: str, clips_per_genre: int = CLIPS_PER_GEN
         table.to_csv(folder / feature_sets.TABLES[base]["clip"], index=False)
 
 
+def _folds(n_splits: int, n_repeats: int, seed: int) -> FeatureSetComparison:
+    return FeatureSetComparison(
+        features_dir=None, n_splits=n_splits, n_repeats=n_repeats, seed=seed
+    )
+
+
 def test_every_feature_set_is_scored_on_the_same_folds(tmp_path):
     _write_tables(tmp_path, informative=feature_sets.MUSICNN)
-    table = comparison.compare_feature_sets(tmp_path, 20, comparison.ComparisonSettings(7, 1, 0))
+    table = comparison.compare_feature_sets(tmp_path, 20, _folds(7, 1, 0))
     assert list(table["feature_set"]) == ["handcrafted"] * 2 + ["musicnn"] * 2 + ["both"] * 2
     assert (table["folds"] == 7).all() and (table["clips"] == 70).all()
     assert (table["split"] == "clip-kfold").all()
@@ -59,21 +67,27 @@ def test_every_feature_set_is_scored_on_the_same_folds(tmp_path):
 def test_too_few_clips_for_the_folds_is_a_clear_error(tmp_path):
     _write_tables(tmp_path, informative=feature_sets.HANDCRAFTED, clips_per_genre=3)
     with pytest.raises(comparison.ComparisonError, match="has 3 clips, fewer than the 7 folds"):
-        comparison.compare_feature_sets(tmp_path, 20, comparison.ComparisonSettings(7, 3, 0))
+        comparison.compare_feature_sets(tmp_path, 20, _folds(7, 3, 0))
 
 
 def test_report_section_says_why_it_was_skipped(tmp_path):
     params = project_params(
         {"report.families": ["knn"], "report.feature_sets.features_dir": str(tmp_path)}
     )
-    settings = ReportSettings.from_params(params, tmp_path)
-    table, lines = feature_set_section(settings, tmp_path)
+    folds = params.report.feature_sets
+    features_dir = resolve_path(folds.features_dir, tmp_path)
+
+    def feature_set_section():
+        shown = display_path(features_dir, tmp_path)
+        return comparison.feature_set_section(features_dir, shown, params.features.n_mfcc, folds)
+
+    table, lines = feature_set_section()
     assert table is None
     assert lines[0] == "## Feature sets: hand-crafted, musicnn, both"
     assert "Skipped:" in lines[2] and "features_30_sec.csv: no such file" in lines[2]
 
     _write_tables(tmp_path, informative=feature_sets.HANDCRAFTED)
-    table, lines = feature_set_section(settings, tmp_path)
+    table, lines = feature_set_section()
     assert len(table) == 6
     assert any("RepeatedStratifiedKFold(n_splits=7, n_repeats=3" in line for line in lines)
     assert "| both |" in "\n".join(lines)

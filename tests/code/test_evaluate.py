@@ -20,23 +20,20 @@ from mlflow_helpers import (
 )
 
 from gtzan_mlops.data.splits import split_label
+from gtzan_mlops.evaluation.model_evaluation import key_metrics
 from gtzan_mlops.evaluation.records import load_family_record
 from gtzan_mlops.evaluation.scoring import (
     EvaluationError,
-    SelectionSettings,
     score_classifier,
     song_probabilities,
 )
-from gtzan_mlops.evaluation.uncertainty import BootstrapSettings
+from gtzan_mlops.evaluation.selection import choose_winner
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
-from gtzan_mlops.stages.evaluate import (
-    choose_winner,
-    evaluate_records,
-    key_metrics,
-)
+from gtzan_mlops.settings.schema import Selection, Uncertainty
+from gtzan_mlops.stages.evaluate import evaluate_records
 
-RULE = SelectionSettings("validation", "song_macro_f1", 5, 0)
-BOOTSTRAP = BootstrapSettings(level=0.95, n_resamples=500, seed=0)
+RULE = Selection(source="validation", metric="song_macro_f1", folds=5, seed=0)
+BOOTSTRAP = Uncertainty(level=0.95, n_resamples=500, seed=0)
 
 
 def _evaluate(records, data, candidates, output_dir, rule=RULE):
@@ -180,7 +177,7 @@ def test_no_candidate_left_is_an_error(setup, tmp_path):
 
 def test_a_selection_score_of_another_rule_or_none_is_refused(setup, tmp_path):
     data, records, _ = setup
-    other = SelectionSettings("cross_validation", "song_macro_f1", 5, 0)
+    other = Selection(source="cross_validation", metric="song_macro_f1", folds=5, seed=0)
     with pytest.raises(EvaluationError, match="params ask for cross_validation song_macro_f1"):
         _evaluate({"fnn": records["fnn"]}, data, ["fnn"], tmp_path, rule=other)
     older = {key: value for key, value in records["fnn"].items() if key != "selection"}

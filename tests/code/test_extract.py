@@ -18,7 +18,10 @@ import soundfile
 import yaml
 from project_params import project_params
 
+from gtzan_mlops.features.extraction import WorkerCrashError, extract_all, jobs_from_manifest
+from gtzan_mlops.features.feature_sets import ExtractionSettings
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.settings.loading import validate_settings
 from gtzan_mlops.stages import features as features_stage
 
 SAMPLE_RATE = 22050
@@ -63,13 +66,15 @@ def stage_repo(tmp_path, gtzan_mini):
             "features.sample_rate": SAMPLE_RATE,
             "resources.features.workers": 1,
             "resources.features.chunksize": 1,
-        }
+        },
+        validate=False,
     )
     return tmp_path, params
 
 
 def test_stage_writes_tables_and_skips_failures(stage_repo):
-    root, params = stage_repo
+    root, raw = stage_repo
+    params = validate_settings(raw)
     counts = features_stage.run(params, root, show_progress=False)
     assert counts == {
         "clips": 3,
@@ -92,12 +97,14 @@ def test_stage_writes_tables_and_skips_failures(stage_repo):
     assert "not decodable" in failures.loc[0, "reason"]
     # What made the tables travels with them: train, promote and serving read it from there.
     made = json.loads((root / "data/features/settings.json").read_text())
-    assert made["features"] == features_stage.FeatureSettings.from_params(params).to_dict()
+    assert made["features"] == params.features.to_dict()
+    assert "musicnn" not in made["features"]  # its checkpoint is recorded by its sha256
     assert made["code"]["source"] and made["code"]["librosa"]
 
 
 def test_rerun_reads_the_cache_and_extracts_only_new_clips(stage_repo, gtzan_mini):
-    root, params = stage_repo
+    root, raw = stage_repo
+    params = validate_settings(raw)
     features_stage.run(params, root, show_progress=False)
     first = pd.read_csv(root / "data/features/features_30_sec.csv")
 
@@ -115,17 +122,18 @@ def test_rerun_reads_the_cache_and_extracts_only_new_clips(stage_repo, gtzan_min
 
 
 def test_changed_settings_do_not_reuse_cached_values(stage_repo):
-    root, params = stage_repo
-    features_stage.run(params, root, show_progress=False)
-    params["features"]["n_mfcc"] = 13
-    counts = features_stage.run(params, root, show_progress=False)
+    root, raw = stage_repo
+    features_stage.run(validate_settings(raw), root, show_progress=False)
+    raw["features"]["n_mfcc"] = 13
+    counts = features_stage.run(validate_settings(raw), root, show_progress=False)
     assert counts["from_cache"] == 0
     clips = pd.read_csv(root / "data/features/features_30_sec.csv")
     assert clips.columns[-1] == "mfcc13_var"
 
 
 def test_a_truncated_cache_entry_is_extracted_again(stage_repo):
-    root, params = stage_repo
+    root, raw = stage_repo
+    params = validate_settings(raw)
     features_stage.run(params, root, show_progress=False)
     entry = next((root / "data/features/cache").rglob("*.npz"))
     entry.write_bytes(entry.read_bytes()[:100])  # as an interrupted write would leave it
@@ -133,12 +141,12 @@ def test_a_truncated_cache_entry_is_extracted_again(stage_repo):
 
 
 def test_process_pool_gives_the_same_tables(stage_repo):
-    root, params = stage_repo
-    features_stage.run(params, root, show_progress=False)
+    root, raw = stage_repo
+    features_stage.run(validate_settings(raw), root, show_progress=False)
     single = pd.read_csv(root / "data/features/features_3_sec.csv")
     shutil.rmtree(root / "data/features")
-    params["resources"]["features"]["workers"] = 2
-    features_stage.run(params, root, show_progress=False)
+    raw["resources"]["features"]["workers"] = 2
+    features_stage.run(validate_settings(raw), root, show_progress=False)
     pd.testing.assert_frame_equal(pd.read_csv(root / "data/features/features_3_sec.csv"), single)
 
 
@@ -147,16 +155,17 @@ def test_a_worker_that_dies_ends_the_stage_with_the_unfinished_clips(stage_repo)
     waiting for it forever: the error names the clips not finished."""
     import psutil
 
-    root, params = stage_repo
+    root, raw = stage_repo
     manifest = pd.read_csv(root / "data/manifest.csv", dtype={"track_id": str, "sha256": str})
-    jobs = features_stage.jobs_from_manifest(manifest, root, root / "cache", "key")
-    settings = features_stage.ExtractionSettings(features_stage.FeatureSettings.from_params(params))
-    results = features_stage.extract_all(jobs, settings, workers=2, chunksize=1)
+    jobs = jobs_from_manifest(manifest, root, root / "cache", "key")
+    # The hand-crafted features only (no musicnn weights, no batch size).
+    settings = ExtractionSettings(validate_settings(raw).features, None, None)
+    results = extract_all(jobs, settings, workers=2, chunksize=1)
     finished = [next(results)]
     for child in psutil.Process().children():
         if "resource_tracker" not in " ".join(child.cmdline()):  # the pool's workers only
             child.kill()
-    with pytest.raises(features_stage.WorkerCrashError) as raised:
+    with pytest.raises(WorkerCrashError) as raised:
         finished.extend(results)
     message = str(raised.value)
     assert "a worker process of the features stage died" in message
@@ -168,7 +177,7 @@ def test_a_worker_that_dies_ends_the_stage_with_the_unfinished_clips(stage_repo)
 
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump(project_params({"resources.features.workers": 1}))
+        yaml.safe_dump(project_params({"resources.features.workers": 1}, validate=False))
     )
     assert features_stage.main(["--params", str(tmp_path / "params.yaml")]) == 1
     error = capsys.readouterr().err
@@ -181,14 +190,16 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
 _EXTRACT_SCRIPT = """
 import json, sys, tempfile
 from pathlib import Path
-from gtzan_mlops.stages.features import ClipJob, ExtractionSettings, extract_all
+from gtzan_mlops.features.extraction import ClipJob, extract_all
+from gtzan_mlops.features.feature_sets import ExtractionSettings
 from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
 if __name__ == "__main__":
     cache = Path(tempfile.mkdtemp())
     workers, paths = int(sys.argv[1]), [Path(arg) for arg in sys.argv[2:]]
     jobs = [ClipJob(p.stem, p.parent.name, p, cache / (p.stem + ".npz")) for p in paths]
-    settings = ExtractionSettings(REFERENCE_SETTINGS)  # hand-crafted: numba's cache is the point
-    results = {r.job.track_id: r for r in extract_all(jobs, settings, workers=workers)}
+    # Hand-crafted only (no musicnn weights, no batch size): numba's cache is the point.
+    settings = ExtractionSettings(REFERENCE_SETTINGS, None, None)
+    results = {r.job.track_id: r for r in extract_all(jobs, settings, workers, chunksize=1)}
     first = results[paths[0].stem]
     assert not first.error, first.error
     print(json.dumps(first.features.handcrafted.clip.tolist()))
@@ -257,7 +268,8 @@ def test_stopping_the_stage_ends_its_workers(tmp_path, gtzan_mini, stop):
             "features.sample_rate": SAMPLE_RATE,
             "resources.features.workers": 2,
             "resources.features.chunksize": 1,
-        }
+        },
+        validate=False,
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "gtzan_mlops", "features", "--params", "params.yaml"]

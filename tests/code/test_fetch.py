@@ -24,10 +24,13 @@ import soundfile
 import yaml
 from project_params import project_params
 
-from gtzan_mlops.data import gtzan
-from gtzan_mlops.data.audio import Truncation, find_truncation, load_waveform
+from gtzan_mlops.data.audio import find_truncation, load_waveform
+from gtzan_mlops.data.audio_headers import Truncation
+from gtzan_mlops.data.gtzan import archive as archive_lib
+from gtzan_mlops.data.manifest import ManifestGates, build_manifest
 from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS, extract_clip
-from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.settings.loading import ConfigError, validate_settings
+from gtzan_mlops.settings.schema import Settings
 from gtzan_mlops.stages import fetch
 
 RATE = 22050
@@ -84,11 +87,17 @@ TEST_SETTINGS: dict[str, Any] = {
 }
 
 
-def _params(source: str, **gtzan: Any) -> dict[str, Any]:
-    """Full params for `source`; an unknown source is kept, for fetch's own check of it."""
-    updates = {**TEST_SETTINGS, "data.source": source}
+def _raw(source: str, changes: dict[str, Any] | None = None, **gtzan: Any) -> dict[str, Any]:
+    """Full params for `source` as params.yaml would hold them: TEST_SETTINGS, then the dotted
+    `changes`, then `gtzan` (keys of data.gtzan)."""
+    updates = {**TEST_SETTINGS, "data.source": source, **(changes or {})}
     updates.update({f"data.gtzan.{key}": value for key, value in gtzan.items()})
-    return project_params(updates, validate=source in fetch.SOURCES)
+    return project_params(updates, validate=False)
+
+
+def _params(source: str, changes: dict[str, Any] | None = None, **gtzan: Any) -> Settings:
+    """The settings fetch runs with (see `_raw`), validated."""
+    return validate_settings(_raw(source, changes, **gtzan))
 
 
 def _manifest(root: Path) -> pd.DataFrame:
@@ -153,10 +162,9 @@ def _md5(data: bytes) -> str:
 
 
 def test_local_source_lists_every_real_clip(tmp_path, gtzan_mini):
-    params = _params("local")
     # A relative local_dir resolves against the repository root (here tmp_path).
-    params["data"]["local_dir"] = os.path.relpath(gtzan_mini, tmp_path)
-    params["data"]["min_duration_s"] = 3.0
+    local_dir = os.path.relpath(gtzan_mini, tmp_path)
+    params = _params("local", {"data.local_dir": local_dir, "data.min_duration_s": 3.0})
 
     summary = fetch.run(params, tmp_path, show_progress=False)
 
@@ -185,8 +193,7 @@ def test_local_source_accepts_the_genres_folder_and_leaves_no_stale_files(tmp_pa
     stale = _write_synthetic_clip(
         tmp_path / "data/raw/genres/blues/synthetic-stale.00000.wav", _synthetic_clip(2.0)
     )
-    params = _params("local")
-    params["data"]["local_dir"] = str(gtzan_mini / "genres")
+    params = _params("local", {"data.local_dir": str(gtzan_mini / "genres")})
 
     assert fetch.run(params, tmp_path, show_progress=False)["ok"] == 70
     assert not stale.exists()
@@ -194,26 +201,32 @@ def test_local_source_accepts_the_genres_folder_and_leaves_no_stale_files(tmp_pa
 
 
 def test_local_source_bad_folders_are_config_errors(tmp_path):
-    params = _params("local")
-    params["data"]["local_dir"] = "no/such/folder"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    raw = _raw("local", {"data.local_dir": "no/such/folder"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
     assert fetch.main(["--params", str(tmp_path / "params.yaml")]) == 1
     with pytest.raises(ConfigError, match=r"data\.local_dir: .*no/such/folder: no such folder"):
-        fetch.run(params, tmp_path, show_progress=False)
+        fetch.run(validate_settings(raw), tmp_path, show_progress=False)
     (tmp_path / "no-audio/genres/blues").mkdir(parents=True)
-    params["data"]["local_dir"] = "no-audio"
+    params = _params("local", {"data.local_dir": "no-audio"})
     with pytest.raises(ConfigError, match="no audio files at genres/<genre>/<file>"):
         fetch.run(params, tmp_path, show_progress=False)
-    params["data"]["local_dir"] = "data/raw"  # the stage's own output, emptied at every run
+    # The stage's own output, emptied at every run.
+    params = _params("local", {"data.local_dir": "data/raw"})
     _write_synthetic_clip(tmp_path / "data/raw/genres/pop/synthetic-pop.00000.wav", np.zeros(9))
     with pytest.raises(ConfigError, match="overlaps the stage's output folder"):
         fetch.run(params, tmp_path, show_progress=False)
+    # The local source without a folder: refused by the settings' schema, before the stage.
+    with pytest.raises(ConfigError, match="local_dir must be set when source is local"):
+        _params("local")
 
 
 def test_unknown_source_names_the_allowed_values(tmp_path):
-    with pytest.raises(ConfigError, match="expected one of: demo, local, gtzan"):
-        fetch.run(_params("kaggle"), tmp_path, show_progress=False)
+    # Checked by the settings' schema, before the stage runs.
+    with pytest.raises(
+        ConfigError, match=r"data\.source: Input should be 'demo', 'gtzan' or 'local'"
+    ):
+        _params("kaggle")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,15 +252,13 @@ def test_demo_source_is_deterministic_and_all_ok(tmp_path):
     info = soundfile.info(first_root / first["path"][0])
     assert (info.format, info.subtype, info.channels) == ("WAV", "PCM_16", 1)
 
-    params["data"]["demo"]["seed"] = 1
-    fetch.run(params, second_root, show_progress=False)
+    fetch.run(_params("demo", {"data.demo.seed": 1}), second_root, show_progress=False)
     assert set(_manifest(second_root)["sha256"]).isdisjoint(first["sha256"])
 
 
 def test_synthetic_genres_are_separable_by_their_features(tmp_path):
     """Leave-one-out nearest centroid on the 57 standardised features: far above 10% chance."""
-    params = _params("demo")
-    params["data"]["demo"].update(clips_per_genre=3, duration_s=3.0)
+    params = _params("demo", {"data.demo.clips_per_genre": 3, "data.demo.duration_s": 3.0})
     fetch.run(params, tmp_path, show_progress=False)
     manifest = _manifest(tmp_path)
 
@@ -308,11 +319,10 @@ def test_unusable_clips_are_listed_with_their_reasons(tmp_path, caplog, capsys):
     _write_synthetic_clip(genres_dir / "jazz/synthetic-silent.00000.wav", np.zeros(2 * RATE))
     _write_synthetic_clip(genres_dir / "metal/synthetic-short.00000.wav", good[: RATE // 2])
     _write_synthetic_clip(genres_dir / "polka/synthetic-polka.00000.wav", good)
-    params = _params("local")
-    params["data"]["local_dir"] = str(genres_dir.parent)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    raw = _raw("local", {"data.local_dir": str(genres_dir.parent)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
-    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.stages.fetch"):
+    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.data.manifest"):
         assert fetch.main(["--params", str(tmp_path / "params.yaml")]) == 0
 
     summary = capsys.readouterr().out.strip().splitlines()[-1]  # the stage's one result line
@@ -349,10 +359,10 @@ def test_threads_write_the_same_manifest(tmp_path):
         _write_synthetic_clip(genres_dir / f"pop/synthetic-pop.{index:05d}.wav", clip)
     (genres_dir / "rock").mkdir()
     (genres_dir / "rock/synthetic-empty.00000.wav").write_bytes(b"")
-    gates = fetch.ManifestGates(tuple(GENRES), min_duration_s=0.5, silence_peak=1e-4, max_peak=1e3)
+    gates = ManifestGates(tuple(GENRES), min_duration_s=0.5, silence_peak=1e-4, max_peak=1e3)
 
-    one = fetch.build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 1, False)
-    threaded = fetch.build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 3, False)
+    one = build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 1, False)
+    threaded = build_manifest(tmp_path / "data/raw", tmp_path, "test", gates, 3, False)
 
     pd.testing.assert_frame_equal(threaded, one)
     assert one["status"].tolist() == ["ok"] * 6 + ["empty: 0 bytes"]
@@ -400,9 +410,9 @@ def test_gtzan_archive_param_is_verified_and_extracted(tmp_path):
     ]  # input.mf is not extracted
     assert not (tmp_path / "data/download").exists()
 
-    params["data"]["gtzan"]["md5"] = "f" * 32
+    params = _params("gtzan", archive=str(archive), md5="f" * 32)
     with pytest.raises(
-        gtzan.ChecksumError, match=f"md5 mismatch: expected {'f' * 32}, got {_md5(data)}"
+        archive_lib.ChecksumError, match=f"md5 mismatch: expected {'f' * 32}, got {_md5(data)}"
     ):
         fetch.run(params, tmp_path, show_progress=False)
     assert archive.read_bytes() == data  # the user's own file is never deleted
@@ -427,7 +437,7 @@ def test_unsafe_archive_members_are_refused(tmp_path, members, links, named, pro
     root = tmp_path / "repo"
     params = _params("gtzan", archive=str(archive), md5=_md5(data))
 
-    with pytest.raises(gtzan.UnsafeArchiveError) as raised:
+    with pytest.raises(archive_lib.UnsafeArchiveError) as raised:
         fetch.run(params, root, show_progress=False)
 
     assert f"unsafe member '{named}' ({problem}); nothing was extracted" in str(raised.value)
@@ -547,10 +557,11 @@ def test_wrong_checksum_fails_cleanly(tmp_path, archive_server):
     data = _synthetic_archive()
     url = archive_server.url("/genres.tar.gz")
     archive_server.files["/genres.tar.gz"] = data
-    params = _params("gtzan", md5="a" * 32, mirrors=[url])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    raw = _raw("gtzan", md5="a" * 32, mirrors=[url])
+    params = validate_settings(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
-    with pytest.raises(gtzan.DownloadError) as raised:
+    with pytest.raises(archive_lib.DownloadError) as raised:
         fetch.run(params, tmp_path, show_progress=False)
 
     assert f"{url}: md5 mismatch: expected {'a' * 32}, got {_md5(data)}" in str(raised.value)
@@ -591,10 +602,14 @@ def test_a_stalled_transfer_times_out_and_is_resumed(tmp_path, archive_server, c
     data = _synthetic_archive()
     archive_server.files["/genres.tar.gz"] = data
     archive_server.stall_after["/genres.tar.gz"] = 50_000
-    params = _params("gtzan", md5=_md5(data), mirrors=[archive_server.url("/genres.tar.gz")])
-    params["data"]["gtzan"]["timeout_s"] = STALL_S / 4
+    params = _params(
+        "gtzan",
+        md5=_md5(data),
+        mirrors=[archive_server.url("/genres.tar.gz")],
+        timeout_s=STALL_S / 4,
+    )
 
-    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.stages.fetch"):
+    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.data.gtzan.archive"):
         assert fetch.run(params, tmp_path, show_progress=False)["ok"] == 4
 
     assert archive_server.requests[1] == ("/genres.tar.gz", "bytes=50000-", 206)
@@ -624,7 +639,7 @@ def test_unsafe_archive_member_is_refused_before_extracting(tmp_path, archive_se
     root = tmp_path / "repo"
     params = _params("gtzan", md5=_md5(data), mirrors=[archive_server.url("/genres.tar.gz")])
 
-    with pytest.raises(gtzan.UnsafeArchiveError, match=r"unsafe member '\.\./evil\.wav'"):
+    with pytest.raises(archive_lib.UnsafeArchiveError, match=r"unsafe member '\.\./evil\.wav'"):
         fetch.run(params, root, show_progress=False)
 
     assert _files_under(root / "data/raw") == []
@@ -640,15 +655,15 @@ def test_mirror_fallback_and_an_error_listing_every_mirror(tmp_path, archive_ser
         "gtzan", md5=_md5(data), mirrors=[missing, archive_server.url("/good/genres.tar.gz")]
     )
 
-    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.stages.fetch"):
+    with caplog.at_level(logging.WARNING, logger="gtzan_mlops.data.gtzan.archive"):
         assert fetch.run(params, tmp_path, show_progress=False)["ok"] == 4
     assert archive_server.statuses("/missing/genres.tar.gz") == [404]  # a 404 is not retried
     assert f"{missing}: HTTP 404" in caplog.text
 
     refused = f"http://127.0.0.1:{_closed_port()}/genres.tar.gz"
-    params["data"]["gtzan"]["mirrors"] = [missing, refused]
+    params = _params("gtzan", md5=_md5(data), mirrors=[missing, refused])
     (tmp_path / "data/download/genres.tar.gz").unlink()
-    with pytest.raises(gtzan.DownloadError) as raised:
+    with pytest.raises(archive_lib.DownloadError) as raised:
         fetch.run(params, tmp_path, show_progress=False)
     message = str(raised.value)
     assert message.startswith("could not download genres.tar.gz from any mirror")

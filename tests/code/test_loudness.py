@@ -4,26 +4,28 @@ records that carry its settings (the features stage's settings.json, a served mo
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from gtzan_mlops.features import feature_sets
+from gtzan_mlops.features.clip_cache import settings_key
 from gtzan_mlops.features.feature_sets import (
     ExtractionSettings,
     FeatureSetError,
     extract_sets,
     made_with,
 )
-from gtzan_mlops.features.handcrafted import (
-    FEATURE_NAMES,
-    REFERENCE_SETTINGS,
-    FeatureSettings,
-    normalise_loudness,
-)
-from gtzan_mlops.serving.classifier import ServingSpec
-from gtzan_mlops.stages import features as features_stage
+from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS, normalise_loudness
+from gtzan_mlops.serving.spec import ServingSpec
+from gtzan_mlops.settings.schema import FeatureSettings
+
+
+def replace(settings: FeatureSettings, **changes) -> FeatureSettings:
+    """`settings` with `changes`, validated as params.yaml's are."""
+    return FeatureSettings.model_validate({**settings.to_dict(), **changes})
+
 
 ON = replace(REFERENCE_SETTINGS, loudness_target_dbfs=-20.0, loudness_max_gain_db=40.0)
 LOUDNESS_KEYS = ("loudness_target_dbfs", "loudness_max_gain_db")
@@ -90,13 +92,17 @@ def test_extract_sets_normalises_before_any_feature(file_rate):
     """Features with normalisation on are those of the normalised clip with it off: applied
     once, on the decoded clip, before the resampling to the features' rate."""
     clip = _noise(-35.0, seconds=3.2, rate=file_rate)
-    with_it = extract_sets(clip, file_rate, ON, None)
+    with_it = extract_sets(clip, file_rate, ON, None, batch_size=None)
     before = extract_sets(
-        normalise_loudness(clip, file_rate, ON), file_rate, REFERENCE_SETTINGS, None
+        normalise_loudness(clip, file_rate, ON),
+        file_rate,
+        REFERENCE_SETTINGS,
+        None,
+        batch_size=None,
     )
     np.testing.assert_array_equal(with_it.handcrafted.clip, before.handcrafted.clip)
     np.testing.assert_array_equal(with_it.handcrafted.segments, before.handcrafted.segments)
-    without = extract_sets(clip, file_rate, REFERENCE_SETTINGS, None)
+    without = extract_sets(clip, file_rate, REFERENCE_SETTINGS, None, batch_size=None)
     rms_mean = FEATURE_NAMES.index("rms_mean")
     assert with_it.handcrafted.clip[rms_mean] == pytest.approx(
         without.handcrafted.clip[rms_mean] * 10 ** (15 / 20), rel=0.01
@@ -107,7 +113,7 @@ def test_the_settings_travel_with_the_features_and_key_the_cache():
     made = ON.to_dict()
     assert (made["loudness_target_dbfs"], made["loudness_max_gain_db"]) == (-20.0, 40.0)
     keys = {
-        features_stage.settings_key(ExtractionSettings(settings))
+        settings_key(ExtractionSettings(settings, None, None))
         for settings in (ON, REFERENCE_SETTINGS, replace(ON, loudness_max_gain_db=30.0))
     }
     assert len(keys) == 3
@@ -157,5 +163,5 @@ def test_a_model_served_before_the_loudness_settings_loads_without_normalisation
     )
     assert spec.settings.loudness_target_dbfs is None
     assert spec.settings == replace(ON, loudness_target_dbfs=None, loudness_max_gain_db=0.0)
-    with pytest.raises(TypeError):  # nothing else takes a missing setting for granted
+    with pytest.raises(ValidationError):  # nothing else takes a missing setting for granted
         FeatureSettings(**legacy)

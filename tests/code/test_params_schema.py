@@ -31,7 +31,8 @@ def _invalid(change: typing.Callable[[dict], None]) -> str:
 
 
 def test_the_projects_params_are_valid_and_unchanged_by_validation():
-    assert validate_settings(copy.deepcopy(RAW)) == RAW
+    settings = validate_settings(copy.deepcopy(RAW))
+    assert settings.model_dump(mode="python", exclude_unset=True) == RAW
 
 
 @pytest.mark.parametrize(
@@ -92,8 +93,8 @@ def test_a_whole_float_from_mlflow_run_becomes_an_integer():
     params["split"]["seed"] = 3.0  # MLproject passes numeric parameters as floats
     params["resources"]["train"]["workers"] = 2.0
     checked = validate_settings(params)
-    assert checked["split"]["seed"] == 3 and isinstance(checked["split"]["seed"], int)
-    assert isinstance(checked["resources"]["train"]["workers"], int)
+    assert checked.split.seed == 3 and isinstance(checked.split.seed, int)
+    assert isinstance(checked.resources.train.workers, int)
 
 
 def test_a_stage_validates_its_overrides_before_running(tmp_path, capsys):

@@ -12,6 +12,7 @@ from mlflow_helpers import sqlite_store
 from project_params import project_params
 
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
+from gtzan_mlops.features.projection import project
 from gtzan_mlops.stages import pca
 
 GENRES = ["blues", "classical", "metal"]
@@ -62,4 +63,4 @@ def test_pca_stage_writes_plot_data_png_and_summary(tmp_path):
 
 def test_pca_needs_two_clips():
     with pytest.raises(ValueError, match="at least 2 clips"):
-        pca.project(_synthetic_clip_table().head(1), n_mfcc=20, seed=0)
+        project(_synthetic_clip_table().head(1), n_mfcc=20, seed=0)

@@ -31,20 +31,22 @@ from mlflow_helpers import (
     training_record,
 )
 
-from gtzan_mlops.evaluation.scoring import EvaluationError, SelectionSettings
-from gtzan_mlops.evaluation.uncertainty import BootstrapSettings, Interval
+from gtzan_mlops.evaluation.scoring import EvaluationError
+from gtzan_mlops.evaluation.uncertainty import Interval
 from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
+from gtzan_mlops.promotion.behaviour import transforms
 from gtzan_mlops.promotion.champion import TRAINING_CLIPS_FILE
-from gtzan_mlops.promotion.rule import BehaviourResult, Comparison, decide_promotion
-from gtzan_mlops.promotion.served_evaluation import Clip, SplitClips, clips_digest
-from gtzan_mlops.settings.loading import load_settings
-from gtzan_mlops.stages.evaluate import evaluate_records
-from gtzan_mlops.stages.promote import (
+from gtzan_mlops.promotion.registry import (
     PromotionSettings,
     RunContext,
     key_metrics,
     promote_winner,
 )
+from gtzan_mlops.promotion.rule import BehaviourResult, Comparison, decide_promotion
+from gtzan_mlops.promotion.served_evaluation import Clip, SplitClips, clips_digest
+from gtzan_mlops.settings.loading import load_settings, read_params, validate_settings
+from gtzan_mlops.settings.schema import Selection, Uncertainty
+from gtzan_mlops.stages.evaluate import evaluate_records
 
 MODEL_NAME = "gtzan-test-classifier"
 RATE = 22050
@@ -195,17 +197,16 @@ def registry(tmp_path_factory):
         yield data, uris, served
 
 
-def _settings(**overrides) -> PromotionSettings:
+def _settings(limits=None, **promote) -> PromotionSettings:
+    """The project's promotion settings in the throwaway registry, `promote` changed."""
     params = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")
-    settings = PromotionSettings.from_params(params)
-    chosen = {
-        "model_name": MODEL_NAME,
-        "experiment_name": "serving",
-        "limits": serving_limits(),
-        "bootstrap": BootstrapSettings(0.95, 500, 0),
-        **overrides,
-    }
-    return dataclasses.replace(settings, **chosen)
+    chosen = {"model_name": MODEL_NAME, "experiment_name": "serving", **promote}
+    return PromotionSettings(
+        params.promote.model_copy(update=chosen),
+        Uncertainty(level=0.95, n_resamples=500, seed=0),
+        limits or serving_limits(),
+        None,
+    )
 
 
 def _promote(family, registry, folder, clips, loader=None, **settings) -> dict:
@@ -216,8 +217,8 @@ def _promote(family, registry, folder, clips, loader=None, **settings) -> dict:
         {family: record},
         data,
         [family],
-        SelectionSettings("validation", "song_macro_f1", 5, 0),
-        BootstrapSettings(0.95, 200, 0),
+        Selection(source="validation", metric="song_macro_f1", folds=5, seed=0),
+        Uncertainty(level=0.95, n_resamples=200, seed=0),
         GENRES,
         folder / family,
     )
@@ -258,8 +259,8 @@ def test_registry_flow_promotes_only_what_beats_the_champion(
     assert first["promoted"] and first["version"] == 1 and first["rule"] == "first"
     assert first["served"]["test_song_accuracy"]["value"] == pytest.approx(0.6)
     assert first["behaviour"]["passed"]
-    transforms = [transform.name for transform in _settings().behaviour.transforms()]
-    assert list(first["behaviour"]["unchanged"]) == transforms and len(transforms) == 6
+    names = [transform.name for transform in transforms(_settings().promote.behaviour)]
+    assert list(first["behaviour"]["unchanged"]) == names and len(names) == 6
     assert all(fraction == 1.0 for fraction in first["behaviour"]["unchanged"].values())
     assert _champion_version(client) == "1"
     version = client.get_model_version(MODEL_NAME, "1")
@@ -381,18 +382,16 @@ def _has_champion() -> bool:
 
 
 def test_promotion_settings_from_params(repo_root):
-    params = load_settings(repo_root / "params.yaml")
-    changed = {
-        **params,
-        "promote": {**params["promote"], "min_improvement": 0.02, "require_significant": True},
-        "serving": {**params["serving"], "max_upload_mib": 5},
-    }
-    settings = PromotionSettings.from_params(changed)
-    assert settings.min_improvement == 0.02 and settings.require_significant
-    assert settings.metric == params["promote"]["metric"]
+    raw = read_params(repo_root / "params.yaml")
+    raw["promote"].update(min_improvement=0.02, require_significant=True)
+    raw["serving"]["max_upload_mib"] = 5
+    settings = PromotionSettings.of(validate_settings(raw), None)
+    assert settings.promote.min_improvement == 0.02 and settings.promote.require_significant
+    assert settings.promote.metric == raw["promote"]["metric"]
     assert settings.limits == serving_limits(max_upload_mib=5.0)
-    assert settings.behaviour.min_unchanged == params["promote"]["behaviour"]["min_unchanged"]
-    assert settings.bootstrap.n_resamples == params["uncertainty"]["n_resamples"]
+    behaviour = raw["promote"]["behaviour"]
+    assert settings.promote.behaviour.min_unchanged == behaviour["min_unchanged"]
+    assert settings.uncertainty.n_resamples == raw["uncertainty"]["n_resamples"]
 
 
 def test_a_refused_clip_is_answered_none_and_the_others_still_count(audio_clips):

@@ -12,19 +12,29 @@ import pytest
 from gtzan_mlops.evaluation import protocols
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
 from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.settings.schema import ArtistFiltered
 
 GENRES = ["blues", "rock"]
 
 
-def _settings(tmp_path: Path, seeds: tuple[int, ...] = (0, 1)) -> protocols.ProtocolSettings:
-    return protocols.ProtocolSettings(
+def _settings(tmp_path: Path, seeds: tuple[int, ...] = (0, 1)) -> protocols.ProtocolInputs:
+    no_lists = ArtistFiltered(
+        level="segment",
+        lists_dir=None,
+        url="",
+        download_dir=str(tmp_path / "lists"),
+        timeout_s=1.0,
+        sha256=None,
+    )
+    return protocols.ProtocolInputs(
         reference_table=tmp_path / "features_30_sec.csv",
         segments_table=tmp_path / "features_3_sec.csv",
         lists_dir=None,
-        download={"url": "", "download_dir": tmp_path / "lists", "timeout_s": 1.0},
-        seeds=list(seeds),
+        artist_filtered=no_lists,
+        root=tmp_path,
+        seeds=seeds,
         test_size=0.3,
-        classes=GENRES,
+        classes=tuple(GENRES),
         n_mfcc=20,
     )
 
@@ -57,7 +67,7 @@ def synthetic_segment_table(songs: int = 10, segments: int = 4) -> pd.DataFrame:
 
 def test_reference_naming_becomes_track_ids_sorted(tmp_path):
     table = synthetic_reference_table().sample(frac=1.0, random_state=0)
-    clips = protocols.normalise_table(table, Path("t.csv"), "clip", _settings(tmp_path))
+    clips = protocols.normalise_table(table, Path("t.csv"), "clip", GENRES, 20)
     assert clips.columns[:2].tolist() == ["track_id", "genre"]
     assert clips["track_id"].tolist() == sorted(clips["track_id"])
     assert clips["track_id"].iloc[0] == "blues.00000"
@@ -65,7 +75,7 @@ def test_reference_naming_becomes_track_ids_sorted(tmp_path):
 
 def test_segment_naming_becomes_track_and_segment(tmp_path):
     segments = protocols.normalise_table(
-        synthetic_segment_table(songs=2, segments=3), Path("s.csv"), "segment", _settings(tmp_path)
+        synthetic_segment_table(songs=2, segments=3), Path("s.csv"), "segment", GENRES, 20
     )
     assert segments[["track_id", "segment"]].iloc[:3].values.tolist() == [
         ["blues.00000", 0],
@@ -82,17 +92,17 @@ def test_segment_naming_becomes_track_and_segment(tmp_path):
         (lambda table: pd.concat([table, table.iloc[:1]]), "repeated track_id"),
     ],
 )
-def test_bad_tables_are_named_with_the_problem(tmp_path, change, message):
+def test_bad_tables_are_named_with_the_problem(change, message):
     with pytest.raises(ConfigError, match=rf"bad\.csv: .*{message}"):
         protocols.normalise_table(
-            change(synthetic_reference_table()), Path("bad.csv"), "clip", _settings(tmp_path)
+            change(synthetic_reference_table()), Path("bad.csv"), "clip", GENRES, 20
         )
 
 
 def test_song_grouped_keeps_songs_apart_and_random_segments_does_not(tmp_path):
     settings = _settings(tmp_path)
     segments = protocols.normalise_table(
-        synthetic_segment_table(), Path("s.csv"), "segment", settings
+        synthetic_segment_table(), Path("s.csv"), "segment", settings.classes, settings.n_mfcc
     )
     grouped = protocols.song_grouped(segments, settings)
     leaky = protocols.random_segments(segments, settings)

@@ -7,7 +7,6 @@ fast; the real one comes from the features stage).
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
@@ -18,7 +17,10 @@ import yaml
 
 from gtzan_mlops.evaluation import protocols as report_protocols
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
-from gtzan_mlops.settings.loading import load_settings
+from gtzan_mlops.models.reproduction import PROTOCOL_METRICS
+from gtzan_mlops.reports.reproduction import COLUMNS
+from gtzan_mlops.settings.loading import load_settings, read_params
+from gtzan_mlops.settings.schema import Report, Settings
 from gtzan_mlops.stages import report
 
 FAMILIES = ["naive_bayes", "knn", "logistic_regression"]
@@ -47,21 +49,20 @@ def _synthetic_segments(genres: list[str], songs: int = 4, segments: int = 3) ->
 
 
 @pytest.fixture(scope="module")
-def base_params(repo_root: Path) -> dict:
+def base_params(repo_root: Path) -> Settings:
     return load_settings(repo_root / "params.yaml")
 
 
 @pytest.fixture(scope="module")
 def segments_table(tmp_path_factory, base_params) -> Path:
     path = tmp_path_factory.mktemp("segments") / "features_3_sec.csv"
-    _synthetic_segments(list(base_params["genres"])).to_csv(path, index=False)
+    _synthetic_segments(list(base_params.genres)).to_csv(path, index=False)
     return path
 
 
-def _params(base: dict, **report_settings) -> dict:
-    params = copy.deepcopy(base)
-    params["report"] = {**(params.get("report") or {}), **report_settings}
-    return params
+def _params(base: Settings, **report_settings) -> Settings:
+    changed = Report.model_validate({**base.report.model_dump(), **report_settings})
+    return base.model_copy(update={"report": changed})
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +84,12 @@ def produced(tmp_path_factory, base_params, settings, repo_root) -> report.Repor
 
 def test_table_shape_and_columns(produced):
     table = produced.table
-    assert table.columns.tolist() == list(report.COLUMNS)
+    assert table.columns.tolist() == list(COLUMNS)
     assert produced.skipped == {}
     protocols = ["published", *report_protocols.PROTOCOLS]
     pairs = set(zip(table["family"], table["protocol"], strict=True))
     assert pairs == {(family, protocol) for family in FAMILIES for protocol in protocols}
-    for protocol, metrics in report.PROTOCOL_METRICS.items():
+    for protocol, metrics in PROTOCOL_METRICS.items():
         for family in FAMILIES:
             chosen = table[(table["family"] == family) & (table["protocol"] == protocol)]
             assert chosen["metric"].tolist() == list(metrics)
@@ -210,7 +211,7 @@ def test_missing_segment_table_skips_its_protocols(tmp_path, base_params, settin
 
 
 def test_artist_filtered_skipped_when_no_clip_is_listed(tmp_path, base_params, settings):
-    segments = _synthetic_segments(list(base_params["genres"]))
+    segments = _synthetic_segments(list(base_params.genres))
     clips = segments.groupby(["track_id", "genre"], as_index=False)[list(FEATURE_NAMES)].mean()
     clips["track_id"] = "other." + clips["track_id"]
     clips.to_csv(tmp_path / "clips.csv", index=False)
@@ -229,9 +230,9 @@ def test_artist_filtered_skipped_when_no_clip_is_listed(tmp_path, base_params, s
     assert "clip-stratified 70/30, 30 s, 40 clips" in produced.markdown
 
 
-def test_cli_writes_the_report(tmp_path, base_params, settings, capsys, monkeypatch):
+def test_cli_writes_the_report(tmp_path, repo_root, settings, capsys, monkeypatch):
     params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(_params(base_params)), encoding="utf-8")
+    params_path.write_text(yaml.safe_dump(read_params(repo_root / "params.yaml")), encoding="utf-8")
     output = tmp_path / "reproduction"
     monkeypatch.chdir(tmp_path)  # command-line paths are relative to the working directory
     code = report.main(
@@ -275,3 +276,20 @@ def test_cli_writes_the_report(tmp_path, base_params, settings, capsys, monkeypa
     )
     assert code == 1
     assert "no protocol can run" in capsys.readouterr().err
+
+
+def test_a_bad_option_is_an_error_naming_it(tmp_path, repo_root, capsys):
+    """The command line's options are checked as params.yaml's report section is."""
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(read_params(repo_root / "params.yaml")), encoding="utf-8")
+    for option, value, where in (
+        ("--families", "polka", "families.0"),
+        ("--seeds", "-1", "seeds.0"),
+    ):
+        code = report.main(
+            ["--params", str(params_path), option, value, "--output-dir", str(tmp_path / "out")]
+        )
+        assert code == 1
+        error = capsys.readouterr().err
+        assert f"command-line options: {where}:" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

@@ -18,14 +18,18 @@ from gtzan_mlops.evaluation import uncertainty
 from gtzan_mlops.evaluation.scoring import (
     EvaluationError,
     FamilyEvaluation,
-    SelectionSettings,
     score_classifier,
     score_intervals,
 )
-from gtzan_mlops.settings.loading import ConfigError, load_settings
+from gtzan_mlops.models.selection_score import best_configuration, cross_validate, selection_folds
+from gtzan_mlops.models.study import StudySettings
+from gtzan_mlops.models.training_data import load_training_data
+from gtzan_mlops.models.trials import VALID_OUTCOMES_ATTR
+from gtzan_mlops.settings.loading import ConfigError, read_params, validate_settings
+from gtzan_mlops.settings.schema import Settings, Uncertainty
 from gtzan_mlops.stages import train
 
-SETTINGS = uncertainty.BootstrapSettings(level=0.95, n_resamples=500, seed=0)
+SETTINGS = Uncertainty(level=0.95, n_resamples=500, seed=0)
 FAMILIES = ["naive_bayes", "logistic_regression"]
 SONGS_PER_GENRE = 6  # 2 test, 1 valid, 3 train: 40 train+valid songs
 
@@ -119,16 +123,16 @@ def project(tmp_path_factory, repo_root):
     mlflow.set_tracking_uri(None)
 
 
-def _params(project: Path, **selection) -> dict:
-    params = load_settings(project / "params.yaml")
-    params["selection"].update(selection)
-    return params
+def _params(project: Path, **selection) -> Settings:
+    raw = read_params(project / "params.yaml")
+    raw["selection"].update(selection)
+    return validate_settings(raw)
 
 
 def test_validation_selection_is_the_best_trials_valid_score(project):
     params = _params(project, source="validation", metric="song_macro_f1")
     record = train.run(params, project, "naive_bayes")
-    data = train.load_training_data(params, project)
+    data = load_training_data(params, project)
     valid_songs = data.subsets["valid"]["track_id"].nunique()
 
     # All four validation metrics of the best trial; the objective is one of them.
@@ -142,7 +146,7 @@ def test_validation_selection_is_the_best_trials_valid_score(project):
         study_name=record["study"], storage=tracking.optuna_storage("naive_bayes", project)
     )
     assert record["val_metrics"]["valid_accuracy"] == study.best_value  # train.objective
-    stored = study.best_trial.user_attrs[train.VALID_OUTCOMES_ATTR]
+    stored = study.best_trial.user_attrs[VALID_OUTCOMES_ATTR]
     assert len(stored["song_tracks"]) == valid_songs
     assert len(stored["row_song"]) == len(stored["row_predicted"]) == len(data.subsets["valid"])
 
@@ -190,7 +194,7 @@ def test_validation_selection_is_the_best_trials_valid_score(project):
 
 def test_cross_validation_folds_keep_units_apart_and_pool_every_row_once(project):
     params = _params(project, source="cross_validation", folds=5)
-    data = train.load_training_data(params, project)
+    data = load_training_data(params, project)
     rows = data.train_and_valid_rows()
     # Pairs of songs of a genre as units (as duplicates or an artist would make them).
     tracks = rows.drop_duplicates("track_id").sort_values(["genre", "track_id"])
@@ -199,7 +203,7 @@ def test_cross_validation_folds_keep_units_apart_and_pool_every_row_once(project
         for genre, group in tracks.groupby("genre")
         for number, track in enumerate(group["track_id"])
     }
-    folds = train.selection_folds(rows, units, 5, 0)
+    folds = selection_folds(rows, units, 5, 0)
     assert len(folds) == 5 and all(len(fold) for fold in folds)
     np.testing.assert_array_equal(np.sort(np.concatenate(folds)), np.arange(len(rows)))
     fold_of_row = np.empty(len(rows), dtype=int)
@@ -208,9 +212,9 @@ def test_cross_validation_folds_keep_units_apart_and_pool_every_row_once(project
     fold_of_unit = pd.Series(fold_of_row).groupby(rows["track_id"].map(units)).nunique()
     assert (fold_of_unit == 1).all()
 
-    choice = SelectionSettings.from_params(params)
-    settings = train.FamilySettings.from_params(params, "logistic_regression")
-    result = train.cross_validate(settings, data, {"C": 1.0, "max_iter": 500}, None, choice)
+    choice = params.selection
+    settings = StudySettings.of(params, "logistic_regression")
+    result = cross_validate(settings, data, {"C": 1.0, "max_iter": 500}, None, choice)
     pooled = np.sort(np.concatenate(result.folds))
     np.testing.assert_array_equal(pooled, np.arange(len(rows)))
     assert not np.isnan(result.probabilities).any()
@@ -222,9 +226,9 @@ def test_cross_validation_folds_keep_units_apart_and_pool_every_row_once(project
 
 def test_fewer_units_than_folds_is_a_clear_error_before_any_trial(project):
     params = _params(project, source="cross_validation", folds=41)
-    rows = train.load_training_data(params, project).train_and_valid_rows()
+    rows = load_training_data(params, project).train_and_valid_rows()
     with pytest.raises(ConfigError, match=r"selection\.folds is 41 but train\+valid holds only 40"):
-        train.selection_folds(rows, {}, 41, 0)
+        selection_folds(rows, {}, 41, 0)
     journals = set((project / tracking.OPTUNA_DIR).glob("*"))
     with pytest.raises(ConfigError, match="holds only 40 units"):
         train.run(params, project, "svm")
@@ -237,17 +241,17 @@ def test_cross_validation_selection_record(project):
     selection = record["selection"]
     assert selection["source"] == "cross_validation" and selection["folds"] == 5
     assert selection["subset"] == "train+valid, 5 folds" and selection["metric"] == "song_accuracy"
-    data = train.load_training_data(params, project)
+    data = load_training_data(params, project)
     assert selection["n_units"] == data.train_and_valid_rows()["track_id"].nunique() == 40
     assert selection["low"] <= selection["value"] <= selection["high"]
     # The same configuration cross-validated again gives the same pooled score.
-    settings = train.FamilySettings.from_params(params, "logistic_regression")
+    settings = StudySettings.of(params, "logistic_regression")
     study = optuna.load_study(
         study_name=record["study"], storage=tracking.optuna_storage("logistic_regression", project)
     )
-    _, hyperparameters, budget = train.best_configuration(study, settings)
-    choice = SelectionSettings.from_params(params)
-    again = train.cross_validate(settings, data, hyperparameters, budget, choice)
+    _, hyperparameters, budget = best_configuration(study, settings)
+    choice = params.selection
+    again = cross_validate(settings, data, hyperparameters, budget, choice)
     assert again.evaluation.metrics["cv_song_accuracy"] == selection["value"]
     logged = mlflow.get_run(record["run_id"]).data
     assert logged.metrics["selection_folds"] == 5

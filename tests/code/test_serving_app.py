@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from mlflow_helpers import serving_limits
 
-from gtzan_mlops.serving.classifier import BEFORE_ADMISSION, REQUEST_ARRIVAL, ServingLimits
 from gtzan_mlops.serving.guard import (
     MAX_ERROR_MESSAGE,
     Admission,
@@ -20,6 +19,7 @@ from gtzan_mlops.serving.guard import (
     json_problem,
     plain_error,
 )
+from gtzan_mlops.serving.limits import BEFORE_ADMISSION, REQUEST_ARRIVAL, read_served_config
 
 GOOD = json.dumps(
     {"dataframe_split": {"columns": ["audio_base64"], "data": [["UklGRg=="]]}}
@@ -236,11 +236,11 @@ def test_other_paths_pass_through_but_their_errors_are_plain_too():
 
 def test_admission_settings_are_checked_and_older_models_keep_their_behaviour():
     limits = serving_limits()
-    config = limits.to_config()
+    config = limits.model_dump()
     with pytest.raises(ValueError, match="request_timeout_s must be above 0"):
-        ServingLimits.from_config({**config, "request_timeout_s": 0})
+        read_served_config({**config, "request_timeout_s": 0})
     with pytest.raises(ValueError, match="max_queue_wait_s must be a number"):
-        ServingLimits.from_config({**config, "max_queue_wait_s": "2"})
+        read_served_config({**config, "max_queue_wait_s": "2"})
     # A model logged before admission existed waited and ran up to MLflow's 60 s.
     older = {k: v for k, v in config.items() if k not in BEFORE_ADMISSION}
-    assert ServingLimits.from_config(older).request_timeout_s == 60.0
+    assert read_served_config(older).request_timeout_s == 60.0

@@ -15,13 +15,24 @@ from live_services import GENRES, synthetic_feature_tables
 from project_params import project_params
 
 from gtzan_mlops.data import split_strategies, splits
+from gtzan_mlops.data.gtzan.artist_filtered import download_filtered_lists, read_filtered_lists
+from gtzan_mlops.data.split_strategies import make_split
 from gtzan_mlops.data.splits import split_label
 from gtzan_mlops.evaluation import test_data
 from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.settings.schema import Split
 from gtzan_mlops.stages import split
 
 SONGS_PER_GENRE = 10
-SPLIT_SETTINGS = project_params()["split"]  # the strategies' sizes as params.yaml sets them
+# The strategies' sizes as params.yaml sets them, as written (changed, then validated, by tests).
+SPLIT_SETTINGS = project_params(validate=False)["split"]
+
+
+def _settings(**changes) -> Split:
+    """params.yaml's `split` section with `changes` (artist_filtered: a mapping of its own
+    changes), validated."""
+    filtered = {**SPLIT_SETTINGS["artist_filtered"], **changes.pop("artist_filtered", {})}
+    return Split.model_validate({**SPLIT_SETTINGS, **changes, "artist_filtered": filtered})
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +43,7 @@ def tables():
 
 def _split(tables, tmp_path, **stage):
     clips, segments = tables
-    return split.make_split(clips, segments, {**SPLIT_SETTINGS, "seed": 0, **stage}, tmp_path)
+    return make_split(clips, segments, _settings(**{"seed": 0, **stage}), tmp_path)
 
 
 @pytest.mark.parametrize("strategy", ["clip_stratified", "song_grouped"])
@@ -97,12 +108,8 @@ def test_units_are_tracks_or_their_duplicate_group(tables, tmp_path, strategy):
     )
     groups.to_csv(tmp_path / "duplicates.csv", index=False)
     clips, segments = tables
-    assignments, _ = split.make_split(
-        clips,
-        segments,
-        {**SPLIT_SETTINGS, "strategy": strategy},
-        tmp_path,
-        tmp_path / "duplicates.csv",
+    assignments, _ = make_split(
+        clips, segments, _settings(strategy=strategy), tmp_path, tmp_path / "duplicates.csv"
     )
     assert list(assignments.columns) == ["track_id", "genre", "subset", "unit"]
     unit = assignments.set_index("track_id")["unit"]
@@ -137,15 +144,12 @@ def test_artist_filtered_units_follow_artists_and_duplicates(tables, tmp_path):
     pd.DataFrame(
         {"track_id": ["blues.00001", "blues.00004"], "duplicate_group": ["g1", "g1"]}
     ).to_csv(tmp_path / "duplicates.csv", index=False)
-    stage = {
-        **SPLIT_SETTINGS,
-        "strategy": "artist_filtered",
-        "artists_file": str(tmp_path / "artists.csv"),
-        "artist_filtered": {**SPLIT_SETTINGS["artist_filtered"], "lists_dir": str(lists_dir)},
-    }
-    assignments, _ = split.make_split(
-        clips, pd.DataFrame(), stage, tmp_path, tmp_path / "duplicates.csv"
+    stage = _settings(
+        strategy="artist_filtered",
+        artists_file=str(tmp_path / "artists.csv"),
+        artist_filtered={"lists_dir": str(lists_dir)},
     )
+    assignments, _ = make_split(clips, pd.DataFrame(), stage, tmp_path, tmp_path / "duplicates.csv")
     unit = assignments.set_index("track_id")["unit"]
     assert unit["blues.00000"] == unit["blues.00003"] == "artist:Someone"
     assert unit["blues.00001"] == unit["blues.00004"] == "g1"
@@ -199,17 +203,13 @@ def test_artist_filtered_lists_on_the_real_clips(gtzan_mini, shared_dir, tmp_pat
         columns=["track_id", "genre"],
     )
     lists_dir = shared_dir / "data" / "gtzan_splits"
-    lists = split_strategies.read_filtered_lists(lists_dir)
+    lists = read_filtered_lists(lists_dir)
     assert [len(lists[subset]) for subset in splits.SUBSETS] == [443, 197, 290]
 
-    assignments, summary = split.make_split(
+    assignments, summary = make_split(
         tracks,
         pd.DataFrame(columns=["track_id", "segment", "genre"]),
-        {
-            **SPLIT_SETTINGS,
-            "strategy": "artist_filtered",
-            "artist_filtered": {**SPLIT_SETTINGS["artist_filtered"], "lists_dir": str(lists_dir)},
-        },
+        _settings(strategy="artist_filtered", artist_filtered={"lists_dir": str(lists_dir)}),
         tmp_path,
     )
     assert summary["label"] == "artist-filtered" and summary["leaky"] is False
@@ -233,17 +233,13 @@ def _serve_folder(folder: Path) -> tuple[ThreadingHTTPServer, str]:
 
 def test_artist_filtered_lists_are_downloaded_when_no_folder_is_given(shared_dir, tmp_path):
     lists_dir = shared_dir / "data" / "gtzan_splits"
-    published = project_params()["split"]["artist_filtered"]["sha256"]
+    published = SPLIT_SETTINGS["artist_filtered"]["sha256"]
     server, url = _serve_folder(lists_dir)
     try:
-        folder = split_strategies.download_filtered_lists(
-            url, tmp_path / "lists", timeout_s=10, sha256=published
-        )
-        assert split_strategies.read_filtered_lists(folder) == split_strategies.read_filtered_lists(
-            lists_dir
-        )
+        folder = download_filtered_lists(url, tmp_path / "lists", timeout_s=10, sha256=published)
+        assert read_filtered_lists(folder) == read_filtered_lists(lists_dir)
         with pytest.raises(ConfigError, match="could not download"):
-            split_strategies.download_filtered_lists(
+            download_filtered_lists(
                 f"{url}/nowhere", tmp_path / "other", timeout_s=10, sha256=published
             )
     finally:
@@ -251,7 +247,7 @@ def test_artist_filtered_lists_are_downloaded_when_no_folder_is_given(shared_dir
 
 
 def test_lists_that_differ_from_the_published_ones_are_refused(shared_dir, tmp_path):
-    published = project_params()["split"]["artist_filtered"]["sha256"]
+    published = SPLIT_SETTINGS["artist_filtered"]["sha256"]
     altered = tmp_path / "served"
     shutil.copytree(shared_dir / "data" / "gtzan_splits", altered)
     with (altered / "test_filtered.txt").open("a") as listing:
@@ -259,17 +255,15 @@ def test_lists_that_differ_from_the_published_ones_are_refused(shared_dir, tmp_p
     server, url = _serve_folder(altered)
     try:
         with pytest.raises(ConfigError, match=r"test_filtered.txt: sha256 [0-9a-f]{64} is not"):
-            split_strategies.download_filtered_lists(
-                url, tmp_path / "lists", timeout_s=10, sha256=published
-            )
+            download_filtered_lists(url, tmp_path / "lists", timeout_s=10, sha256=published)
         assert not (tmp_path / "lists" / "test_filtered.txt").exists()  # nothing kept
         # Lists of one's own: no check.
-        split_strategies.download_filtered_lists(url, tmp_path / "own", timeout_s=10, sha256=None)
+        download_filtered_lists(url, tmp_path / "own", timeout_s=10, sha256=None)
     finally:
         server.shutdown()
     # An earlier download changed on disk is refused too, before it is used.
     with pytest.raises(ConfigError, match="delete it to download it again"):
-        split_strategies.download_filtered_lists(
+        download_filtered_lists(
             "http://127.0.0.1:9", tmp_path / "own", timeout_s=10, sha256=published
         )
 
@@ -291,5 +285,6 @@ def test_stage_writes_files_and_rejects_unknown_strategy(tables, tmp_path):
     assert splits.unit_of_track(assignments) == {t: t for t in clips["track_id"]}
     # Four songs per genre: every subset still gets one of each genre.
     assert all(len(summary["sizes"][subset]["genres"]) == len(GENRES) for subset in splits.SUBSETS)
-    with pytest.raises(ConfigError, match=r"split\.strategy must be one of"):
-        split.run(project_params({"split.strategy": "by_mood"}, validate=False), tmp_path)
+    # An unknown strategy is refused by the settings' schema, before the stage runs.
+    with pytest.raises(ConfigError, match=r"split\.strategy: Input should be 'clip_stratified'"):
+        project_params({"split.strategy": "by_mood"})

@@ -19,7 +19,8 @@ from gtzan_mlops.evaluation.scoring import METRICS
 from gtzan_mlops.features import feature_sets
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
 from gtzan_mlops.models import zoo
-from gtzan_mlops.settings.loading import ConfigError, load_settings
+from gtzan_mlops.models.training_data import load_training_data
+from gtzan_mlops.settings.loading import ConfigError, load_settings, read_params, validate_settings
 from gtzan_mlops.stages import train
 
 
@@ -110,7 +111,7 @@ def test_every_family_tunes_logs_trials_and_a_loadable_model(project, family):
 def test_first_trial_is_the_source_studys_settings(project):
     params = load_settings(project / "params.yaml")
     record = train.run(params, project, "knn")  # resumes the study if it already exists
-    settings = train.FamilySettings.from_params(params, "knn")
+    settings = params.train.knn
     study = optuna.load_study(
         study_name=record["study"], storage=tracking.optuna_storage("knn", project)
     )
@@ -123,12 +124,15 @@ def test_rerun_resumes_the_study_and_more_trials_extend_it(project):
     again = train.run(params, project, "naive_bayes")
     assert again["study"] == first["study"] and again["run_id"] == first["run_id"]
     assert len(_nested_runs(first["run_id"])) == 2  # no trial ran twice
-    more = train.run(params, project, "naive_bayes", n_trials=3)
+    more = train.run(
+        train.with_options(params, "naive_bayes", n_trials=3, workers=0), project, "naive_bayes"
+    )
     assert more["run_id"] == first["run_id"] and more["n_trials"] == 3
     assert len(_nested_runs(first["run_id"])) == 3
     # Another search space is another study, under a new parent run.
-    params["train"]["naive_bayes"]["space"]["var_smoothing"]["high"] = 1.0e-3
-    changed = train.run(params, project, "naive_bayes")
+    raw = read_params(project / "params.yaml")
+    raw["train"]["naive_bayes"]["space"]["var_smoothing"]["high"] = 1.0e-3
+    changed = train.run(validate_settings(raw), project, "naive_bayes")
     assert changed["study"] != first["study"] and changed["run_id"] != first["run_id"]
 
 
@@ -156,7 +160,7 @@ def test_two_worker_processes_share_the_study_and_lose_no_trial(tmp_path, repo_r
         monkeypatch.delenv(name, raising=False)
     folder = make_project(tmp_path / "parallel", repo_root, n_trials=10)
     params = load_settings(folder / "params.yaml")
-    record = train.run(params, folder, "knn", workers=2)
+    record = train.run(train.with_options(params, "knn", n_trials=0, workers=2), folder, "knn")
 
     study = optuna.load_study(
         study_name=record["study"], storage=tracking.optuna_storage("knn", folder)
@@ -174,11 +178,11 @@ def test_two_worker_processes_share_the_study_and_lose_no_trial(tmp_path, repo_r
 def test_joining_a_study_that_does_not_exist_is_a_clear_error(project):
     params = load_settings(project / "params.yaml")
     with pytest.raises(ConfigError, match="start the stage first"):
-        train.run(params, project, "svm", join=True, name="svm-no-such-study")
+        train.join(params, project, "svm", feature_sets.HANDCRAFTED, "svm-no-such-study", None)
 
 
 def test_pruning_hook_stops_keras_and_xgboost(project):
-    data = train.load_training_data(load_settings(project / "params.yaml"), project)
+    data = load_training_data(load_settings(project / "params.yaml"), project)
 
     def prune_at_two(step: int, value: float) -> None:
         if step >= 2:
@@ -206,26 +210,40 @@ def test_pruning_hook_stops_keras_and_xgboost(project):
 
 
 def test_search_space_entries(project):
+    def space_of(written: dict) -> dict:
+        """A search space as params.yaml's schema reads it (`train.<family>.space`)."""
+        raw = read_params(project / "params.yaml")
+        raw["train"]["knn"]["space"] = written
+        return validate_settings(raw).train.knn.space
+
     trial = optuna.trial.FixedTrial({"n": 3, "rate": 0.01, "kind": "b"})
-    space = {
-        "n": {"type": "int", "low": 1, "high": 5},
-        "rate": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
-        "kind": {"type": "categorical", "choices": ["a", "b"]},
-        "fixed": 7,
-    }
+    space = space_of(
+        {
+            "n": {"type": "int", "low": 1, "high": 5},
+            "rate": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+            "kind": {"type": "categorical", "choices": ["a", "b"]},
+            "fixed": 7,
+        }
+    )
     assert zoo.suggest(trial, space) == {"n": 3, "rate": 0.01, "kind": "b", "fixed": 7}
     assert zoo.tunable(space) == ["n", "rate", "kind"] and zoo.fixed(space) == {"fixed": 7}
-    with pytest.raises(ConfigError, match="type must be int, float or categorical"):
-        zoo.suggest(trial, {"n": {"type": "integer", "low": 1, "high": 2}})
-    with pytest.raises(ConfigError, match="lacks 'high'"):
-        zoo.suggest(trial, {"n": {"type": "int", "low": 1}})
+    # A malformed entry is refused when params.yaml is read, before any trial.
+    with pytest.raises(ConfigError, match="type int, float or categorical"):
+        zoo.suggest(trial, space_of({"n": {"type": "integer", "low": 1, "high": 2}}))
+    with pytest.raises(ConfigError, match=r"missing setting 'train\.knn\.space\.n\.high'"):
+        zoo.suggest(trial, space_of({"n": {"type": "int", "low": 1}}))
+    # The SVM's calibration reads one decision value per genre: one-vs-one is refused at load.
+    raw = read_params(project / "params.yaml")
+    raw["train"]["svm"]["space"]["decision_function_shape"] = "ovo"
+    with pytest.raises(ConfigError, match="decision_function_shape must be 'ovr'"):
+        validate_settings(raw)
     assert zoo.hidden_layers("512-256") == (512, 256)
     with pytest.raises(ConfigError, match="hidden_layers"):
         zoo.hidden_layers("wide")
 
 
 def test_a_genre_missing_from_training_is_a_clear_error(project):
-    data = train.load_training_data(load_settings(project / "params.yaml"), project)
+    data = load_training_data(load_settings(project / "params.yaml"), project)
     features, labels = data.xy("train")
     keep = labels != 3
     with pytest.raises(ValueError, match=r"lack genre indices \[3\]"):
@@ -256,10 +274,12 @@ def test_tables_made_with_other_settings_are_refused(project):
     """A run asking for other feature settings than the tables were made with (a `--set` outside
     DVC) must not train on them under a record that claims the asked-for settings."""
     params = load_settings(project / "params.yaml")
-    params["features"]["sample_rate"] = 16000
+    params = params.model_copy(
+        update={"features": params.features.model_copy(update={"sample_rate": 16000})}
+    )
     with pytest.raises(
         feature_sets.FeatureSetError, match=r"sample_rate 22050 \(tables\) vs 16000"
     ):
-        train.load_training_data(params, project)
-    record = train.load_training_data(load_settings(project / "params.yaml"), project)
+        load_training_data(params, project)
+    record = load_training_data(load_settings(project / "params.yaml"), project)
     assert record.feature_settings["sample_rate"] == 22050  # read from the tables' record

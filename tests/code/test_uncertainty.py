@@ -11,15 +11,16 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from gtzan_mlops.evaluation.uncertainty import (
     METRIC_NAMES,
-    BootstrapSettings,
     Interval,
     _resampled_values,
     difference_interval,
     metric_interval,
 )
+from gtzan_mlops.settings.loading import read_params, validate_settings
+from gtzan_mlops.settings.schema import Uncertainty
 
 GENRES = ["blues", "classical", "jazz", "metal", "pop"]
-SETTINGS = BootstrapSettings(level=0.95, n_resamples=1000, seed=0)
+SETTINGS = Uncertainty(level=0.95, n_resamples=1000, seed=0)
 
 
 def _sklearn(metric: str, actual, predicted) -> float:
@@ -66,7 +67,8 @@ def test_resampled_values_are_a_naive_loop_over_the_drawn_units(metric):
     # over fewer labels, as sklearn does on those rows.
     actual[units == "u05"] = "disco"
     predicted[np.flatnonzero(units == "u11")[0]] = "country"
-    settings = BootstrapSettings(level=0.9, n_resamples=20, seed=7)
+    # Fewer resamples than params.yaml may ask for (the schema's minimum is 100): a short loop.
+    settings = Uncertainty.model_construct(level=0.9, n_resamples=20, seed=7)
 
     values = _resampled_values(list(actual), list(predicted), list(units), metric, settings)
 
@@ -94,7 +96,7 @@ def test_resamples_do_not_depend_on_the_chunk_size(monkeypatch):
     from gtzan_mlops.evaluation import uncertainty
 
     actual, predicted, units = _songs(50, 0.7)
-    settings = BootstrapSettings(level=0.95, n_resamples=1234, seed=3)
+    settings = Uncertainty(level=0.95, n_resamples=1234, seed=3)
     whole = _resampled_values(actual, predicted, units, "macro_f1", settings)
     monkeypatch.setattr(uncertainty, "_CHUNK_RESAMPLES", 100)
     assert np.array_equal(_resampled_values(actual, predicted, units, "macro_f1", settings), whole)
@@ -113,7 +115,7 @@ def test_the_interval_contains_the_value_and_narrows_with_more_units(metric):
 
 def test_width_for_independent_songs_is_the_normal_approximation():
     actual, predicted, units = _songs(1000, 0.8)
-    settings = BootstrapSettings(level=0.95, n_resamples=2000, seed=0)
+    settings = Uncertainty(level=0.95, n_resamples=2000, seed=0)
     interval = metric_interval(actual, predicted, units, "accuracy", settings)
     p = interval.value
     assert 0.75 < p < 0.85
@@ -187,14 +189,14 @@ def test_one_seed_gives_one_interval_and_another_seed_another():
     data = _songs(80, 0.7)
     first = metric_interval(*data, "macro_f1", SETTINGS)
     assert metric_interval(*data, "macro_f1", SETTINGS) == first
-    other = BootstrapSettings(level=0.95, n_resamples=SETTINGS.n_resamples, seed=1)
+    other = Uncertainty(level=0.95, n_resamples=SETTINGS.n_resamples, seed=1)
     assert metric_interval(*data, "macro_f1", other) != first
 
 
 def test_the_level_sets_the_width():
     data = _songs(200, 0.8)
-    narrow = metric_interval(*data, "accuracy", BootstrapSettings(0.5, 1000, 0))
-    wide = metric_interval(*data, "accuracy", BootstrapSettings(0.99, 1000, 0))
+    narrow = metric_interval(*data, "accuracy", Uncertainty(level=0.5, n_resamples=1000, seed=0))
+    wide = metric_interval(*data, "accuracy", Uncertainty(level=0.99, n_resamples=1000, seed=0))
     assert _width(wide) > 2 * _width(narrow)
 
 
@@ -212,9 +214,10 @@ def test_to_dict_and_describe():
     assert interval.describe(digits=1) == "0.8 [0.7, 0.9]"
 
 
-def test_settings_from_params():
-    params = {"uncertainty": {"level": 0.9, "n_resamples": 500, "seed": 4}, "other": {}}
-    assert BootstrapSettings.from_params(params) == BootstrapSettings(0.9, 500, 4)
+def test_settings_from_params(repo_root):
+    raw = read_params(repo_root / "params.yaml")
+    raw["uncertainty"] = {"level": 0.9, "n_resamples": 500, "seed": 4}
+    assert validate_settings(raw).uncertainty == Uncertainty(level=0.9, n_resamples=500, seed=4)
 
 
 def test_inputs_of_different_lengths_are_refused():
@@ -243,10 +246,10 @@ def test_an_unknown_metric_is_refused_naming_the_known_ones():
 @pytest.mark.parametrize("level", [0.0, 1.0, -0.5, 1.5])
 def test_a_level_outside_zero_and_one_is_refused(level):
     with pytest.raises(ValueError, match="level"):
-        BootstrapSettings(level=level, n_resamples=100, seed=0)
+        Uncertainty(level=level, n_resamples=100, seed=0)
 
 
 @pytest.mark.parametrize("n_resamples", [0, -3])
 def test_fewer_than_one_resample_is_refused(n_resamples):
     with pytest.raises(ValueError, match="n_resamples"):
-        BootstrapSettings(level=0.95, n_resamples=n_resamples, seed=0)
+        Uncertainty(level=0.95, n_resamples=n_resamples, seed=0)

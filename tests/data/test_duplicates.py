@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 import soundfile
 
-from gtzan_mlops.data import split_strategies, splits
+from gtzan_mlops.data import duplicates, split_strategies, splits
+from gtzan_mlops.data.manifest import ManifestGates, build_manifest
 from gtzan_mlops.settings.loading import load_settings
-from gtzan_mlops.stages import duplicates, fetch
+from gtzan_mlops.stages import duplicates as duplicates_stage
 
-PATHS = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")["paths"]
+PATHS = load_settings(Path(__file__).resolve().parents[2] / "params.yaml").paths
 ORIGINAL = "blues.00000"
 COPIES = {
     "blues.90000": "FLAC copy under another name",
@@ -23,14 +24,6 @@ COPIES = {
     "blues.90002": "the same recording starting 2 s later",
 }
 SAME_ARTIST = "blues.00001"  # another John Lee Hooker song (GTZAN blues 00000-00011)
-
-
-def _gates(params) -> fetch.ManifestGates:
-    """The manifest's gates as the fetch stage reads them from params."""
-    data = params["data"]
-    return fetch.ManifestGates(
-        tuple(params["genres"]), data["min_duration_s"], data["silence_peak"], data["max_peak"]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +46,16 @@ def copies_project(tmp_path_factory, gtzan_mini, params):
     quieter = librosa.resample(samples, orig_sr=rate, target_sr=16000) * 10 ** (-6 / 20)
     soundfile.write(folder / "blues.90001.wav", quieter, 16000)
     soundfile.write(folder / "blues.90002.wav", samples[2 * rate :], rate)
-    gates = _gates(params)
-    manifest = fetch.build_manifest(root / "data/raw", root, "test", gates, 2, False)
+    gates = ManifestGates.of(params)  # as the fetch stage reads them
+    manifest = build_manifest(root / "data/raw", root, "test", gates, 2, False)
     manifest.to_csv(root / "data/manifest.csv", index=False)
-    summary = duplicates.run(params, root)
+    summary = duplicates_stage.run(params, root)
     return root, summary
 
 
 def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_project):
     root, summary = copies_project
-    clips = pd.read_csv(root / PATHS["duplicates"], dtype=str, keep_default_na=False)
+    clips = pd.read_csv(root / PATHS.duplicates, dtype=str, keep_default_na=False)
     group_of = dict(zip(clips["track_id"], clips[splits.GROUP_COLUMN], strict=True))
     assert group_of[ORIGINAL] == f"dup:{ORIGINAL}"
     for copy, how in COPIES.items():
@@ -70,20 +63,20 @@ def test_copies_are_grouped_with_the_original_and_other_songs_are_not(copies_pro
     assert group_of[SAME_ARTIST] == ""  # same genre and artist, another recording
     assert summary["duplicate_groups"] == 1 and summary["clips_in_groups"] == 4
 
-    pairs = pd.read_csv(root / PATHS["duplicate_pairs"]).set_index(["track_a", "track_b"])
+    pairs = pd.read_csv(root / PATHS.duplicate_pairs).set_index(["track_a", "track_b"])
     with_original = {b: row for (a, b), row in pairs.iterrows() if a == ORIGINAL}
     assert with_original["blues.90000"]["match"] == "identical samples"
     assert with_original["blues.90001"]["similarity"] >= 0.95
     assert with_original["blues.90002"]["match"] == "fingerprint"
     assert with_original["blues.90002"]["offset_s"] == pytest.approx(2.0, abs=0.15)
 
-    report = (root / PATHS["duplicates_report"] / duplicates.REPORT_FILE).read_text()
+    report = (root / PATHS.duplicates_report / duplicates_stage.REPORT_FILE).read_text()
     assert f"## dup:{ORIGINAL}" in report and "blues.90002" in report
 
 
 def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
     root, _ = copies_project
-    groups = splits.read_groups(root / PATHS["duplicates"])
+    groups = splits.read_groups(root / PATHS.duplicates)
     # The copies among all 1000 GTZAN track ids, so that the split has songs to spread.
     tracks = pd.read_csv(reference_table, usecols=["filename", "label"])
     tracks = pd.DataFrame(
@@ -106,7 +99,7 @@ def test_every_seed_keeps_a_group_on_one_side(copies_project, reference_table):
 
 def test_the_leakage_check_fails_on_a_split_that_separates_a_group(copies_project):
     root, _ = copies_project
-    groups = splits.read_groups(root / PATHS["duplicates"])
+    groups = splits.read_groups(root / PATHS.duplicates)
     assignments = pd.DataFrame(
         {
             "track_id": [ORIGINAL, *COPIES, SAME_ARTIST],
@@ -131,21 +124,21 @@ def test_the_70_real_clips_hold_no_duplicates(tmp_path, gtzan_mini, params):
     """What the stage finds on ../shared: no group, and unrelated songs far below the bar."""
     root = tmp_path
     shutil.copytree(gtzan_mini / "genres", root / "data/raw/genres", copy_function=_link)
-    gates = _gates(params)
-    manifest = fetch.build_manifest(root / "data/raw", root, "test", gates, 2, False)
+    gates = ManifestGates.of(params)
+    manifest = build_manifest(root / "data/raw", root, "test", gates, 2, False)
     manifest.to_csv(root / "data/manifest.csv", index=False)
-    summary = duplicates.run(params, root)
+    summary = duplicates_stage.run(params, root)
     assert summary == {
         "clips": 70, "duplicate_groups": 0, "clips_in_groups": 0, "pairs": 0,
         "not_fingerprinted": 0,
     }  # fmt: skip
-    settings = duplicates.MatchSettings.from_params(params)
+    settings = params.duplicates
     prints = [
         duplicates.fingerprint(root / path, settings.fingerprint_seconds)
         for path in manifest["path"]
     ]
     similarity, _ = duplicates.fingerprint_matches(
-        prints, settings.window_items, settings.max_offset_items
+        prints, duplicates.window_items(settings), duplicates.max_offset_items(settings)
     )
     np.fill_diagonal(similarity, 0)
     assert similarity.max() < settings.min_similarity - 0.15

@@ -18,6 +18,7 @@ from gtzan_mlops.features.handcrafted import (
     median_filter_along,
     naive_features,
     segment_bounds,
+    segment_samples,
 )
 
 SETTINGS = REFERENCE_SETTINGS
@@ -63,7 +64,7 @@ def test_fast_features_equal_naive_librosa_on_real_audio(gtzan_mini, genre):
 
 def test_fast_features_equal_naive_librosa_on_synthetic_noise_with_silence():
     rng = np.random.default_rng(7)
-    synthetic = rng.normal(0, 0.1, SETTINGS.segment_samples).astype(np.float32)
+    synthetic = rng.normal(0, 0.1, segment_samples(SETTINGS)).astype(np.float32)
     synthetic[:5000] = 0  # exact zeros exercise the zero-magnitude branches of HPSS
     np.testing.assert_allclose(
         excerpt_features(synthetic, SETTINGS), naive_features(synthetic, SETTINGS), rtol=1e-6
@@ -84,7 +85,7 @@ def test_segment_bounds(seconds, expected_count, last_start_s):
     n_samples = round(seconds * SETTINGS.sample_rate)
     bounds = segment_bounds(n_samples, SETTINGS)
     assert len(bounds) == expected_count
-    assert all(stop - start == SETTINGS.segment_samples for start, stop in bounds)
+    assert all(stop - start == segment_samples(SETTINGS) for start, stop in bounds)
     assert bounds[-1][0] == pytest.approx(last_start_s * SETTINGS.sample_rate, abs=1)
     assert bounds[-1][1] <= n_samples
 
@@ -94,7 +95,7 @@ def test_extract_clip_shapes_and_segment_values(gtzan_mini):
     features = extract_clip(excerpt, SETTINGS)
     assert features.clip.shape == (57,)
     assert features.segments.shape == (2, 57)
-    second = excerpt[SETTINGS.segment_samples : 2 * SETTINGS.segment_samples]
+    second = excerpt[segment_samples(SETTINGS) : 2 * segment_samples(SETTINGS)]
     np.testing.assert_array_equal(features.segments[1], excerpt_features(second, SETTINGS))
     assert extract_clip(excerpt, SETTINGS, include_clip=False).clip.size == 0
 

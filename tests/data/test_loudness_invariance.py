@@ -15,8 +15,6 @@ exact gain tightly and, on the 16-bit copy, that normalisation adds nothing to t
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from project_params import project_params
@@ -27,7 +25,9 @@ from gtzan_mlops.features.feature_sets import ExtractedSets, extract_sets
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS
 
 OFF = REFERENCE_SETTINGS
-ON = replace(REFERENCE_SETTINGS, loudness_target_dbfs=-20.0, loudness_max_gain_db=40.0)
+ON = REFERENCE_SETTINGS.model_copy(
+    update={"loudness_target_dbfs": -20.0, "loudness_max_gain_db": 40.0}
+)
 # A typical clip (RMS -17 dBFS) and a quiet one (-28 dBFS) whose quiet passages the 16-bit copy
 # fills with quantisation noise.
 CLIPS = ("blues.00000", "classical.00000")
@@ -92,7 +92,7 @@ def handcrafted(request, gtzan_mini) -> dict[tuple[str, str], ExtractedSets]:
         "quantised": _turned_down(waveform, quantised=True),
     }
     return {
-        (mode, version): extract_sets(audio, rate, settings, None)
+        (mode, version): extract_sets(audio, rate, settings, None, batch_size=None)
         for mode, settings in (("on", ON), ("off", OFF))
         for version, audio in versions.items()
     }
@@ -159,7 +159,7 @@ def test_a_quieter_16_bit_copy_gets_the_same_features(handcrafted):
 def embedded(gtzan_mini) -> dict[tuple[str, str, str], ExtractedSets]:
     """(clip, on|off, clip|quantised) -> the musicnn embeddings of the clip's segments."""
     weights = musicnn.weights_dir(None)
-    batch_size = project_params()["resources"]["features"]["musicnn_batch_size"]
+    batch_size = project_params().resources.features.musicnn_batch_size
     result = {}
     for track in CLIPS:
         waveform, rate = _decoded(gtzan_mini, track)

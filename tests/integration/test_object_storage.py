@@ -143,7 +143,7 @@ def test_mlflow_server_on_postgres_keeps_artifacts_in_s3_and_serves_the_champion
     import mlflow
     from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier
 
-    from gtzan_mlops.serving.classifier import BASE64_COLUMN, GENRE_COLUMN, probability_column
+    from gtzan_mlops.serving.spec import BASE64_COLUMN, GENRE_COLUMN, probability_column
 
     family = "knn"
     project = small_project(tmp_path / "project", repo_root, [family], n_trials=2)

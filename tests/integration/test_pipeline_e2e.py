@@ -231,6 +231,45 @@ def test_second_repro_does_nothing(pipeline):
     assert _stages_run(output) == set(), output
 
 
+def _changed_stages(repo: Path, env: dict[str, str]) -> set[str]:
+    """The stages `dvc status` finds changed: the names heading its listing."""
+    status = json.loads(_run(["dvc", "status", "--json"], repo, env) or "{}")
+    return {name.split(":")[-1] for name in status}
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_edits_outside_the_computation_rerun_no_stage(pipeline):
+    """A help string and a docstring of the command line, the listening page and the report
+    code compute nothing a stage writes: `dvc status` finds every stage up to date. A comment in
+    the hand-crafted feature code reruns features and what imports it, never fetch or duplicates
+    (the outputs it writes are then the same, so DVC goes no further)."""
+    repo, env, *_ = pipeline
+    package = repo / "src" / "gtzan_mlops"
+    try:
+        _edit(package / "cli.py", '"fetch or generate the audio', '"fetch (or generate) the audio')
+        _edit(package / "cli.py", '"""`gtzan-mlops <command>`', '"""The `gtzan-mlops <command>`')
+        _edit(package / "apps" / "listen_page.html", "<title>", "<title>Listen: ")
+        _edit(package / "stages" / "report.py", '"""', '"""Edited. ')  # a command, no stage
+        for module in sorted((package / "reports").glob("[a-z]*.py")):
+            _edit(module, '"""', '"""Edited. ')
+        assert _changed_stages(repo, env) == set()
+    finally:
+        _run(["git", "checkout", "--", "src"], repo, env)
+    try:
+        handcrafted = package / "features" / "handcrafted.py"
+        handcrafted.write_text(handcrafted.read_text() + "# a comment\n", encoding="utf-8")
+        changed = _changed_stages(repo, env)
+        assert "features" in changed and not changed & {"fetch", "duplicates"}, changed
+    finally:
+        _run(["git", "checkout", "--", "src"], repo, env)
+    assert _changed_stages(repo, env) == set()
+
+
 def test_changed_feature_parameter_reruns_only_the_features_stage(pipeline):
     repo, env, *_ = pipeline
     # The features stage tracks its resources, which change no value: features rerun (reading the

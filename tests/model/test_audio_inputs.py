@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_helpers import log_served, log_sklearn, reference_classifier, sqlite_store
 
 from gtzan_mlops.data.audio import decode_audio, find_truncation
-from gtzan_mlops.serving.classifier import BASE64_COLUMN
+from gtzan_mlops.serving.spec import BASE64_COLUMN
 
 RATE = 22050
 CLIP_FRAMES = 661794  # jazz.00001.wav: 30.01 s
@@ -194,7 +194,7 @@ def test_float_samples_a_little_over_full_scale_are_audio(model, clip):
 
 
 def test_the_pipeline_gives_such_a_clip_the_same_status(clip, tmp_path):
-    from gtzan_mlops.stages.fetch import ManifestGates, clip_status
+    from gtzan_mlops.data.manifest import ManifestGates, clip_status
 
     samples = soundfile.read(clip, dtype="float32")[0]
     samples[RATE * 12] = 1e19

@@ -3,7 +3,6 @@ served model would decode it, and the MP3 one fails with a message that says wha
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import stat
@@ -18,14 +17,14 @@ from scipy import signal
 from gtzan_mlops.promotion import behaviour
 from gtzan_mlops.promotion.behaviour import (
     BehaviourError,
-    BehaviourSettings,
     encode_wav,
     require_tools,
+    transforms,
     unchanged_fraction,
 )
 
-SETTINGS = BehaviourSettings.from_params(project_params())
-TRANSFORMS = {transform.name: transform for transform in SETTINGS.transforms()}
+SETTINGS = project_params().promote.behaviour
+TRANSFORMS = {transform.name: transform for transform in transforms(SETTINGS)}
 QUANTUM = 1 / 32768  # one 16-bit step as soundfile reads it
 
 
@@ -84,19 +83,17 @@ def test_transforms_follow_params():
     assert TRANSFORMS["gain_-6db"].description == "turned down 6 dB"
     assert SETTINGS.min_unchanged == pytest.approx(0.9)
 
-    other = BehaviourSettings.from_params(
-        project_params(
-            {
-                "promote.behaviour.gains_db": [-3.5],
-                "promote.behaviour.shift_s": 0.5,
-                "promote.behaviour.resample_rate": 48000,
-                "promote.behaviour.resample_channels": 1,
-                "promote.behaviour.mp3_kbps": 64,
-            }
-        )
-    )
-    assert other.gains_db == (-3.5,)
-    assert [t.name for t in other.transforms()] == [
+    other = project_params(
+        {
+            "promote.behaviour.gains_db": [-3.5],
+            "promote.behaviour.shift_s": 0.5,
+            "promote.behaviour.resample_rate": 48000,
+            "promote.behaviour.resample_channels": 1,
+            "promote.behaviour.mp3_kbps": 64,
+        }
+    ).promote.behaviour
+    assert other.gains_db == [-3.5]
+    assert [t.name for t in transforms(other)] == [
         "gain_-3.5db",
         "shift_0.5s",
         "resample_48000hz_1ch",
@@ -159,7 +156,7 @@ def test_mp3_decodes_without_the_encoder_delay(clip, mp3):
 
 def test_mp3_bitrate_the_sample_rate_does_not_allow_is_refused(clip):
     samples, rate = clip
-    transform = dataclasses.replace(SETTINGS, mp3_kbps=192).transforms()[-1]
+    transform = transforms(SETTINGS.model_copy(update={"mp3_kbps": 192}))[-1]
     with pytest.raises(BehaviourError, match="160 kbps, not the 192 kbps"):
         transform.apply(samples[: 2 * rate], rate)
 

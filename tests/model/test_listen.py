@@ -15,7 +15,7 @@ from live_services import chromium_page, free_port
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 
 from gtzan_mlops.apps import listen
-from gtzan_mlops.serving.classifier import BASE64_COLUMN
+from gtzan_mlops.serving.spec import BASE64_COLUMN
 
 MODEL_NAME = "gtzan-listen-test"
 TAGS = {

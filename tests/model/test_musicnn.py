@@ -19,18 +19,14 @@ from sklearn.preprocessing import StandardScaler
 from gtzan_mlops.data.audio import decode_mono, load_waveform
 from gtzan_mlops.features import feature_sets, musicnn
 from gtzan_mlops.features.handcrafted import REFERENCE_SETTINGS
-from gtzan_mlops.serving.classifier import (
-    BASE64_COLUMN,
-    ServingSpec,
-    log_serving_model,
-    output_columns,
-)
+from gtzan_mlops.serving.packaging import log_serving_model
+from gtzan_mlops.serving.spec import BASE64_COLUMN, ServingSpec, output_columns
 from gtzan_mlops.settings.loading import load_settings
 
 SETTINGS = REFERENCE_SETTINGS
-BATCH_SIZE = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
-    "features"
-]["musicnn_batch_size"]
+BATCH_SIZE = load_settings(
+    Path(__file__).resolve().parents[2] / "params.yaml"
+).resources.features.musicnn_batch_size
 CLIPS_PER_GENRE = 7  # jazz has 00000-00002 and 00004-00007 in ../shared
 
 

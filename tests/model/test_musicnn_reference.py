@@ -23,9 +23,9 @@ from gtzan_mlops.settings.loading import load_settings
 
 REFERENCE = json.loads((Path(__file__).with_name("musicnn_reference.json")).read_text())
 REGENERATE = REFERENCE["provenance"]["regenerate"]
-BATCH_SIZE = load_settings(Path(__file__).resolve().parents[2] / "params.yaml")["resources"][
-    "features"
-]["musicnn_batch_size"]
+BATCH_SIZE = load_settings(
+    Path(__file__).resolve().parents[2] / "params.yaml"
+).resources.features.musicnn_batch_size
 
 # Tolerances. Measured (TF 2.21 on both sides, same machine): embeddings differ by at most
 # 3.3e-6 in absolute value (values up to 3.3, so about 1e-6 of their scale), tag probabilities

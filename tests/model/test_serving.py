@@ -25,15 +25,15 @@ from mlflow.exceptions import MlflowException
 from mlflow_helpers import GENRES, log_served, log_sklearn, reference_classifier, sqlite_store
 
 from gtzan_mlops.data.audio import load_waveform
-from gtzan_mlops.features.handcrafted import FEATURE_NAMES, REFERENCE_SETTINGS, extract_clip
-from gtzan_mlops.serving.classifier import (
-    BASE64_COLUMN,
-    PATH_COLUMN,
-    ServingSpec,
-    decode_base64_audio,
-    output_columns,
-    synthetic_example_clip,
+from gtzan_mlops.features.handcrafted import (
+    FEATURE_NAMES,
+    REFERENCE_SETTINGS,
+    extract_clip,
+    segment_samples,
 )
+from gtzan_mlops.serving.inputs import decode_base64_audio
+from gtzan_mlops.serving.packaging import synthetic_example_clip
+from gtzan_mlops.serving.spec import BASE64_COLUMN, PATH_COLUMN, ServingSpec, output_columns
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_spec_round_trips_and_rejects_an_unknown_level():
 def test_example_clip_is_one_segment_long_after_resampling():
     settings = REFERENCE_SETTINGS
     waveform = load_waveform(synthetic_example_clip(settings), settings.sample_rate)
-    assert len(waveform) >= settings.segment_samples
+    assert len(waveform) >= segment_samples(settings)
 
 
 # --- the served endpoint -----------------------------------------------------------------------
@@ -418,11 +418,11 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
     import threading
     import time
 
-    from gtzan_mlops.serving import classifier
+    from gtzan_mlops.serving import pyfunc
 
     model = mlflow.pyfunc.load_model(served[0], model_config={"max_concurrent_decodes": 2})
     active, most, lock = [0], [0], threading.Lock()
-    real_decode = classifier.decode_audio
+    real_decode = pyfunc.decode_audio
     workers: set[str] = set()
 
     def slow_decode(*args, **kwargs):
@@ -437,7 +437,7 @@ def test_concurrent_requests_decode_at_most_the_limit_at_once(served, clip, monk
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(classifier, "decode_audio", slow_decode)
+    monkeypatch.setattr(pyfunc, "decode_audio", slow_decode)
     rows = pd.DataFrame({BASE64_COLUMN: [_base64(clip)]})
     threads = [threading.Thread(target=model.predict, args=(rows,)) for _ in range(5)]
     for thread in threads:
@@ -492,19 +492,19 @@ def test_silent_audio_is_refused_and_truncation_is_reported(served, clip):
 
 
 def test_an_unexpected_failure_is_a_500_without_trace_or_paths(served, clip, monkeypatch):
-    from gtzan_mlops.serving import classifier
+    from gtzan_mlops.serving import pyfunc
 
     def broken(*args, **kwargs):
-        raise RuntimeError(f"boom in {classifier.__file__}")
+        raise RuntimeError(f"boom in {pyfunc.__file__}")
 
-    monkeypatch.setattr(classifier, "classify_song", broken)
+    monkeypatch.setattr(pyfunc, "classify_song", broken)
     _, model = served
     with pytest.raises(MlflowException) as caught:
         model.predict(pd.DataFrame({BASE64_COLUMN: [_base64(clip)]}))
     assert caught.value.error_code == "INTERNAL_ERROR"
     body = caught.value.serialize_as_json()
     assert "Traceback" not in body and "stack_trace" not in body
-    assert classifier.__file__ not in body and "/" not in json.loads(body)["message"]
+    assert pyfunc.__file__ not in body and "/" not in json.loads(body)["message"]
 
 
 # --- audio_path reads only under the audio root, and cannot be used to probe -----------------
@@ -552,7 +552,7 @@ def test_audio_path_refusals_are_indistinguishable(served, audio_root, tmp_path_
 
 
 def test_song_windows_cover_the_song_then_space_out():
-    from gtzan_mlops.serving.classifier import song_windows
+    from gtzan_mlops.serving.windows import song_windows
 
     settings = REFERENCE_SETTINGS
     rate = 1000
@@ -606,23 +606,29 @@ def test_a_long_song_of_two_genres_shows_both_on_its_timeline(served, gtzan_mini
 
 
 def test_serving_limits_come_from_params_and_reject_mistakes(repo_root):
-    from gtzan_mlops.serving.classifier import ServingLimits
-    from gtzan_mlops.settings.loading import ConfigError, load_settings
+    """A served model's config is params.yaml's `serving` with the `data` gates, checked by the
+    same model: a mistake is refused in params.yaml and in a logged model's config alike."""
+    from gtzan_mlops.serving.limits import read_served_config
+    from gtzan_mlops.settings.loading import ConfigError, read_params, validate_settings
+    from gtzan_mlops.settings.schema import ServedConfig
 
-    params = load_settings(repo_root / "params.yaml")
-    limits = ServingLimits.from_params(params)
-    assert limits.max_rows == params["serving"]["max_rows"]
-    assert limits.silence_peak == params["data"]["silence_peak"]  # one set of quality gates
+    raw = read_params(repo_root / "params.yaml")
+    settings = validate_settings(raw)
+    limits = ServedConfig.of(settings.serving, settings.data)
+    assert limits.max_rows == settings.serving.max_rows
+    assert limits.silence_peak == settings.data.silence_peak  # one set of quality gates
     assert not limits.allow_audio_path
+    assert read_served_config(limits.model_dump()) == limits
     for key, value, problem in [
-        ("max_rowz", 3, "classifier.max_rowz: unknown setting"),
+        ("max_rowz", 3, "serving.max_rowz: unknown setting"),
         ("max_rows", "8", "max_rows must be a number"),
         ("max_rows", 0, "max_rows must be at least 1"),
         ("allow_audio_path", True, "allow_audio_path needs an audio_root"),
     ]:
-        broken = {**params, "serving": {**params["serving"], key: value}}
         with pytest.raises(ConfigError, match=problem):
-            ServingLimits.from_params(broken)
+            read_served_config({**limits.model_dump(), key: value})
+        with pytest.raises(ConfigError, match="serving"):  # params.yaml's own check
+            validate_settings({**raw, "serving": {**raw["serving"], key: value}})
 
 
 # --- the proxy in front of a public endpoint ----------------------------------------------------
@@ -638,7 +644,7 @@ def _proxy_body_limit_mib(repo_root: Path) -> int:
 def test_the_proxy_body_limit_matches_the_request_limit(repo_root):
     from gtzan_mlops.settings.loading import load_settings
 
-    request_mib = load_settings(repo_root / "params.yaml")["serving"]["max_request_mib"]
+    request_mib = load_settings(repo_root / "params.yaml").serving.max_request_mib
     base64_mib = request_mib * 4 / 3
     assert base64_mib <= _proxy_body_limit_mib(repo_root) <= base64_mib + 8
 

@@ -98,7 +98,7 @@ class Classifier:
     """The served pyfunc and what the page needs from it: one song's answer as JSON."""
 
     def __init__(self, uri: str, model: Any) -> None:
-        from gtzan_mlops.serving.classifier import GenreClassifier
+        from gtzan_mlops.serving.pyfunc import GenreClassifier
 
         self.model = model
         self.info = describe_model(uri, model)
@@ -114,7 +114,7 @@ class Classifier:
         import pandas as pd
         from mlflow.exceptions import MlflowException
 
-        from gtzan_mlops.serving.classifier import (
+        from gtzan_mlops.serving.spec import (
             BASE64_COLUMN,
             GENRE_COLUMN,
             TIMELINE_COLUMN,

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from gtzan_mlops.cli import add_model_arguments, chosen_model_uri
-from gtzan_mlops.serving.classifier import (
+from gtzan_mlops.serving.spec import (
     BASE64_COLUMN,
     GENRE_COLUMN,
     TIMELINE_COLUMN,

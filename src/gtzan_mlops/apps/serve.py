@@ -1,7 +1,7 @@
 """`gtzan-mlops serve`: the champion on MLflow's scoring server, guarded, from any shell.
 
 `mlflow models serve --env-manager local` runs uvicorn on MLflow's scoring app; this command runs
-uvicorn on the same app inside the project's request guard (serving_app.build_app: JSON only,
+uvicorn on the same app inside the project's request guard (serving/guard.py build_app: JSON only,
 bounded bodies, early 429s, time from arrival, no traces), on the project's store. It starts
 uvicorn by this environment's path, so it works in a fresh shell (a bare `mlflow models serve`
 fails with "uvicorn: not found" unless the environment's scripts are on PATH).
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params_path = params_file(args)
-        allocator = load_settings(params_path)["resources"]["serve"]
+        allocator = load_settings(params_path).resources.serve
     except ConfigError as error:
         print(f"gtzan-mlops serve: {error}", file=sys.stderr)
         return 2
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(params_path.resolve().parent),
         SERVED_MODEL_ENV: model_uri,
     }
-    environment.setdefault("MALLOC_ARENA_MAX", str(allocator["malloc_arena_max"]))
-    mmap_threshold = str(allocator["malloc_mmap_threshold_kib"] * 1024)
+    environment.setdefault("MALLOC_ARENA_MAX", str(allocator.malloc_arena_max))
+    mmap_threshold = str(allocator.malloc_mmap_threshold_kib * 1024)
     environment.setdefault("MALLOC_MMAP_THRESHOLD_", mmap_threshold)
     command = serve_command(args.host, args.port, args.workers)
     print(f"gtzan-mlops serve: {model_uri} on http://{args.host}:{args.port}", flush=True)

@@ -1,6 +1,6 @@
 """How a split assigns clips (or segments) to train, valid and test, and how leakage is found:
-the strategies of the split stage, also used by the reproduction report's protocols
-(protocols.py).
+the strategies of the split stage (`make_split`), also used by the reproduction report's
+protocols (protocols.py).
 
 Each strategy has a label that says what it is (`random-segments-leaky` for the one that leaks);
 the stratified ones keep a song, its artist's songs and its duplicates on one side.
@@ -8,7 +8,7 @@ the stratified ones keep a song, its artist's songs and its duplicates on one si
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gtzan_mlops.data.splits import GROUP_COLUMN, SUBSETS, connected_components
-from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.data.gtzan.artist_filtered import filtered_lists
+from gtzan_mlops.data.splits import GROUP_COLUMN, SUBSETS, connected_components, read_groups
+from gtzan_mlops.settings.loading import ConfigError, resolve_path
+from gtzan_mlops.settings.schema import Split
 
-LIST_FILES = {subset: f"{subset}_filtered.txt" for subset in SUBSETS}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,6 @@ def stratified_assignment(
     at least one in test, one in train and (when valid_size > 0) one in valid, whatever the
     sizes, so tiny data sets still train, validate and test every genre.
     """
-    if not 0 < test_size < 1 or not 0 <= valid_size < 1:
-        raise ConfigError("split.test_size must be in (0, 1) and split.valid_size in [0, 1)")
     rng = np.random.default_rng(seed)
     subset = pd.Series("", index=units.index, dtype=object)
     for _, group in units.sort_values(["genre", "unit"]).groupby("genre", sort=True):
@@ -140,69 +140,6 @@ def assign_segments(
     return units[columns].sort_values(["track_id", "segment"]).reset_index(drop=True)
 
 
-def track_id_of_list_entry(entry: str) -> str:
-    """`blues/blues.00029.wav` (or .au) -> `blues.00029`."""
-    return Path(entry.strip()).stem
-
-
-def read_filtered_lists(folder: Path) -> dict[str, list[str]]:
-    """The three artist-filtered lists as track ids, per subset."""
-    lists = {}
-    for subset, name in LIST_FILES.items():
-        path = folder / name
-        if not path.is_file():
-            raise ConfigError(
-                f"{path}: artist-filtered list not found; set split.artist_filtered.lists_dir "
-                "to the folder holding train/valid/test_filtered.txt (from "
-                "https://github.com/coreyker/dnn-mgr/tree/master/gtzan)"
-            )
-        entries = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        lists[subset] = [track_id_of_list_entry(entry) for entry in entries]
-    return lists
-
-
-def download_filtered_lists(
-    base_url: str, folder: Path, timeout_s: float, sha256: dict[str, str] | None
-) -> Path:
-    """Fetch the three list files from `base_url` into `folder` (once); returns `folder`. With
-    `sha256` (file name -> digest), a download or an earlier one whose content differs is
-    refused: the lists decide which clips are test clips."""
-    import requests
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in LIST_FILES.values():
-        target = folder / name
-        url = f"{base_url.rstrip('/')}/{name}"
-        if target.is_file():
-            _check_digest(target.read_bytes(), sha256, name, str(target))
-            continue
-        try:
-            response = requests.get(url, timeout=timeout_s)
-            response.raise_for_status()
-        except requests.RequestException as error:
-            raise ConfigError(
-                f"{url}: could not download the artist-filtered list ({error}); download "
-                f"train/valid/test_filtered.txt by hand and set split.artist_filtered.lists_dir"
-            ) from error
-        _check_digest(response.content, sha256, name, url)
-        partial = target.with_suffix(".part")
-        partial.write_bytes(response.content)
-        partial.replace(target)
-    return folder
-
-
-def _check_digest(content: bytes, sha256: dict[str, str] | None, name: str, where: str) -> None:
-    if sha256 is None:
-        return
-    found = hashlib.sha256(content).hexdigest()
-    if found != sha256[name]:
-        raise ConfigError(
-            f"{where}: sha256 {found} is not the published list's {sha256[name]} "
-            "(split.artist_filtered.sha256); delete it to download it again, or set sha256 to "
-            "null to use lists of your own"
-        )
-
-
 def assign_filtered(
     tracks: pd.DataFrame, lists: dict[str, list[str]]
 ) -> tuple[pd.DataFrame, dict[str, list[str]], int]:
@@ -261,3 +198,99 @@ def check_leakage(
             f"the {strategy.label} split puts the same ids on several sides: {offending}"
         )
     return {f"{kind}_on_several_sides": len(ids) for kind, ids in found.items()}
+
+
+def read_artists(path: str | None, root: Path) -> pd.DataFrame | None:
+    """track_id, artist of `split.artists_file` (None when it is not set)."""
+    if not path:
+        return None
+    resolved = resolve_path(path, root)
+    try:
+        artists = pd.read_csv(resolved, dtype=str)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{resolved}: split.artists_file not found") from error
+    if not {"track_id", "artist"} <= set(artists.columns):
+        raise ConfigError(f"{resolved}: needs the columns track_id and artist")
+    return artists.dropna(subset=["artist"])
+
+
+def summarise(
+    assignments: pd.DataFrame, strategy: Strategy, level: str, seed: int
+) -> dict[str, Any]:
+    """What the split is and how big each side is (songs per genre; segments when split by
+    segment)."""
+    sizes = {}
+    for subset in SUBSETS:
+        chosen = assignments[assignments["subset"] == subset]
+        per_genre = chosen.groupby("genre")["track_id"].nunique()
+        sizes[subset] = {
+            "tracks": int(chosen["track_id"].nunique()),
+            "genres": {str(genre): int(count) for genre, count in per_genre.items()},
+        }
+        if "segment" in chosen.columns:
+            sizes[subset]["segments"] = len(chosen)
+    return {
+        "strategy": strategy.name,
+        "label": strategy.label,
+        "leaky": strategy.leaky,
+        "level": level,
+        "seed": seed,
+        "sizes": sizes,
+    }
+
+
+def make_split(
+    clips: pd.DataFrame,
+    segments: pd.DataFrame,
+    settings: Split,
+    root: Path,
+    duplicates_table: Path | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The assignments and summary of the strategy `settings` (params `split`) names, keeping
+    the groups of `duplicates_table` (the duplicates stage's output) on one side when given;
+    LeakageError if a strategy that must not leak does."""
+    strategy = STRATEGIES[settings.strategy]
+    seed, valid_size, test_size = settings.seed, settings.valid_size, settings.test_size
+    artists = read_artists(settings.artists_file, root)
+    duplicates = read_groups(duplicates_table) if duplicates_table else None
+    extra: dict[str, Any] = {
+        "duplicate_groups": (
+            int(duplicates[GROUP_COLUMN].nunique()) if duplicates is not None else "not checked"
+        )
+    }
+
+    if strategy.name == "clip_stratified":
+        level = "clip"
+        assignments = assign_groups(clips, valid_size, test_size, seed, artists, duplicates)
+    elif strategy.name == "song_grouped":
+        level = "segment"
+        assignments = assign_groups(clips, valid_size, test_size, seed, artists, duplicates)
+    elif strategy.name == "random_segments":
+        level = "segment"
+        assignments = assign_segments(segments, valid_size, test_size, seed)
+    else:
+        level = settings.artist_filtered.level
+        lists = filtered_lists(settings.artist_filtered, root)
+        assignments, missing, unlisted = assign_filtered(clips, lists)
+        n_missing = sum(map(len, missing.values()))
+        if n_missing:
+            log.warning(
+                "artist-filtered lists name %d clips that are not in the features table "
+                "(absent from the audio or failed extraction): %s",
+                n_missing,
+                ", ".join(f"{subset} {len(ids)}" for subset, ids in missing.items()),
+            )
+        if assignments.empty:
+            raise ConfigError(
+                "no available clip is named in the artist-filtered lists (is the data GTZAN?)"
+            )
+        # The lists keep artists apart; the units say which clips to resample together.
+        unit = group_of_tracks(clips, artists, duplicates)
+        unit_of = dict(zip(clips["track_id"].astype(str), unit, strict=True))
+        assignments["unit"] = assignments["track_id"].astype(str).map(unit_of)
+        extra.update(missing_from_audio=missing, available_but_unlisted=unlisted)
+
+    summary = summarise(assignments, strategy, level, seed)
+    summary["leakage"] = check_leakage(assignments, strategy, artists, duplicates)
+    summary.update(extra)
+    return assignments, summary

@@ -16,6 +16,7 @@ import pandas as pd
 
 from gtzan_mlops import tracking
 from gtzan_mlops.settings.loading import ConfigError, resolve_path
+from gtzan_mlops.settings.schema import Settings
 
 SUBSETS = ("train", "valid", "test")
 TEST_SUBSET = "test"  # the held-out subset: it chooses nothing, it is only scored
@@ -77,13 +78,14 @@ def split_label(summary: dict[str, Any]) -> str:
     return label
 
 
-def feature_dir(params: dict[str, Any], root: Path) -> Path:
-    """The folder of the features stage's tables."""
-    return resolve_path(params["paths"]["features"], root)
+def feature_dir(settings: Settings, root: Path) -> Path:
+    """The folder of the features stage's tables (paths.features)."""
+    return resolve_path(settings.paths.features, root)
 
 
-def split_dir(params: dict[str, Any], root: Path) -> Path:
-    return resolve_path(params["paths"]["split"], root)
+def split_dir(settings: Settings, root: Path) -> Path:
+    """The folder of the split stage's assignments and summary (paths.split)."""
+    return resolve_path(settings.paths.split, root)
 
 
 def split_fingerprint(folder: Path) -> str:

@@ -5,12 +5,12 @@ its segments, or both side by side) are classified by logistic regression and an
 behind a scaler fitted inside every fold, on `RepeatedStratifiedKFold` folds shared by all
 feature sets. Whole clips are split, so no song is on both sides; GTZAN's artists can be (the
 folds are not artist-filtered), which the label `clip-kfold` says wherever it is reported.
-Used by `gtzan-mlops report` and benchmarks/musicnn.py.
+Used by `gtzan-mlops report` and benchmarks/feature_sets.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,9 @@ import pandas as pd
 
 from gtzan_mlops.features import feature_sets
 from gtzan_mlops.reports import markdown
+from gtzan_mlops.settings.schema import FeatureSetComparison
+
+log = logging.getLogger(__name__)
 
 SPLIT_LABEL = "clip-kfold"  # whole clips per fold; artists are not kept apart
 CLASSIFIERS = ("logistic_regression", "svm_rbf")
@@ -25,15 +28,6 @@ CLASSIFIERS = ("logistic_regression", "svm_rbf")
 
 class ComparisonError(ValueError):
     """Too few clips for the folds."""
-
-
-@dataclass(frozen=True)
-class ComparisonSettings:
-    """params `report.feature_sets`: repeated stratified k-fold over the clips."""
-
-    n_splits: int
-    n_repeats: int
-    seed: int
 
 
 def _classifier(name: str, seed: int):
@@ -54,10 +48,11 @@ def _classifier(name: str, seed: int):
 def compare_feature_sets(
     features_dir: Path,
     n_mfcc: int,
-    settings: ComparisonSettings,
+    settings: FeatureSetComparison,
     sets: tuple[str, ...] = feature_sets.FEATURE_SETS,
 ) -> pd.DataFrame:
-    """One row per feature set and classifier: mean and sample std of the fold accuracies.
+    """One row per feature set and classifier: mean and sample std of the fold accuracies, on
+    the folds of `settings` (params `report.feature_sets`: n_splits, n_repeats, seed).
 
     Every row is scored on the same folds of the same clips (sorted by track id)."""
     from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
@@ -121,3 +116,32 @@ def markdown_table(table: pd.DataFrame) -> list[str]:
             ]
         )
     return markdown.table(["feature set", *classifiers], rows)
+
+
+def feature_set_section(
+    features_dir: Path, shown_dir: str, n_mfcc: int, settings: FeatureSetComparison
+) -> tuple[pd.DataFrame | None, list[str]]:
+    """The comparison of the clip tables in `features_dir` (named `shown_dir` in the text) and
+    its Markdown section of the reproduction report; where it cannot run (tables missing, fewer
+    clips of a genre than folds), the section says why and no table is returned."""
+    heading = ["## Feature sets: hand-crafted, musicnn, both", ""]
+    try:
+        table = compare_feature_sets(features_dir, n_mfcc, settings)
+    except (FileNotFoundError, feature_sets.FeatureSetError, ComparisonError) as error:
+        log.warning("skipping the feature-set comparison: %s", error)
+        return None, [*heading, f"Skipped: {error}", ""]
+    lines = [
+        *heading,
+        f"Clip-level vectors of `{shown_dir}` "
+        f"({int(table['clips'].iloc[0])} clips): the 57 hand-crafted features of the whole clip, "
+        "the mean MSD_musicnn embedding of its 3 s segments, or both side by side. Test "
+        f"accuracy, mean ± std over the {int(table['folds'].iloc[0])} folds of "
+        f"RepeatedStratifiedKFold(n_splits={settings.n_splits}, n_repeats={settings.n_repeats}, "
+        f"random_state={settings.seed}), the same folds for every cell, the scaler fitted inside "
+        f"each fold. Split `{SPLIT_LABEL}`: whole clips, so no song is on both "
+        "sides, but artists are not kept apart.",
+        "",
+        *markdown_table(table),
+        "",
+    ]
+    return table, lines

@@ -1,5 +1,6 @@
-"""The evaluation protocols of the reproduction report (report.py): the feature tables read
-and normalised, and each protocol's train/test folds with the names and notes the report prints.
+"""The evaluation protocols of the reproduction report (`gtzan-mlops report`, whose models
+models/reproduction.py trains and scores): the feature tables read and normalised, and each
+protocol's train/test folds with the names and notes the report prints.
 
 A protocol is a way to split the same rows: `clip_stratified` (whole clips, stratified by genre),
 `artist_filtered` (the fixed lists of Kereliuk, Sturm and Larsen), `random_segments` (LEAKY: 3 s
@@ -9,6 +10,7 @@ on one side). The splitting itself is split_strategies', the same code as the sp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,27 +18,56 @@ from typing import Any
 import pandas as pd
 
 from gtzan_mlops.data import split_strategies, splits
+from gtzan_mlops.data.gtzan import artist_filtered as filtered_lists
+from gtzan_mlops.data.gtzan.names import track_id_of_list_entry
 from gtzan_mlops.features.handcrafted import feature_names
-from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.settings.loading import ConfigError, resolve_path
+from gtzan_mlops.settings.schema import ArtistFiltered, Settings
 
 PROTOCOLS = ("clip_stratified", "artist_filtered", "random_segments", "song_grouped")
 
 
 @dataclass(frozen=True)
-class ProtocolSettings:
-    """What the protocols read and how they split: part of the report's settings."""
+class ProtocolInputs:
+    """What the protocols read and how they split, from the validated settings: the report's
+    tables and lists with their paths resolved, its seeds (each once), the genres and the
+    number of MFCCs of the tables."""
 
     reference_table: Path
     segments_table: Path
-    lists_dir: Path | None  # None: download the lists (split.artist_filtered.url)
-    download: dict[str, Any]  # url, download_dir, timeout_s, sha256 of split.artist_filtered
-    seeds: list[int]
+    lists_dir: Path | None  # report.lists_dir; None: those of split.artist_filtered
+    artist_filtered: ArtistFiltered  # its lists_dir, or where its lists download from
+    root: Path  # what the paths of artist_filtered are relative to
+    seeds: tuple[int, ...]
     test_size: float
-    classes: list[str]
+    classes: tuple[str, ...]
     n_mfcc: int
 
+    @classmethod
+    def of(cls, settings: Settings, root: Path) -> ProtocolInputs:
+        """The `report` section's (null tables: the features stage's, paths.features; null
+        lists: split.artist_filtered's). Paths relative to `root` unless absolute."""
+        report, features = settings.report, settings.paths.features
+        return cls(
+            reference_table=resolve_path(
+                report.reference_table or f"{features}/features_30_sec.csv", root
+            ),
+            segments_table=resolve_path(
+                report.segments_table or f"{features}/features_3_sec.csv", root
+            ),
+            lists_dir=resolve_path(report.lists_dir, root) if report.lists_dir else None,
+            artist_filtered=settings.split.artist_filtered,
+            root=root,
+            seeds=tuple(dict.fromkeys(report.seeds)),
+            test_size=report.test_size,
+            classes=tuple(settings.genres),
+            n_mfcc=settings.features.n_mfcc,
+        )
 
-def normalise_table(table: pd.DataFrame, path: Path, level: str, settings: ProtocolSettings):
+
+def normalise_table(
+    table: pd.DataFrame, path: Path, level: str, classes: Sequence[str], n_mfcc: int
+) -> pd.DataFrame:
     """`table` as track_id[, segment], genre and the features, sorted (so row order in the file
     does not matter). Takes this project's tables (track_id, [segment,] genre) and the public
     reference tables (`filename` like blues.00000.au or blues.00000.3.wav, `label`)."""
@@ -44,7 +75,7 @@ def normalise_table(table: pd.DataFrame, path: Path, level: str, settings: Proto
     if "genre" not in table.columns and "label" in table.columns:
         table = table.rename(columns={"label": "genre"})
     if "track_id" not in table.columns and "filename" in table.columns:
-        stems = table["filename"].astype(str).map(split_strategies.track_id_of_list_entry)
+        stems = table["filename"].astype(str).map(track_id_of_list_entry)
         if level == "segment" and "segment" not in table.columns:
             parts = stems.str.rsplit(".", n=1, expand=True)
             if parts.shape[1] != 2 or not parts[1].str.isdigit().all():
@@ -53,13 +84,13 @@ def normalise_table(table: pd.DataFrame, path: Path, level: str, settings: Proto
         else:
             table["track_id"] = stems
     keys = ["track_id", "segment"] if level == "segment" else ["track_id"]
-    columns = list(feature_names(settings.n_mfcc))
+    columns = list(feature_names(n_mfcc))
     absent = [name for name in [*keys, "genre", *columns] if name not in table.columns]
     if absent:
         raise ConfigError(f"{path}: lacks the columns {absent[:4]}")
     table["track_id"] = table["track_id"].astype(str)
     table["genre"] = table["genre"].astype(str)
-    unknown = sorted(set(table["genre"]) - set(settings.classes))
+    unknown = sorted(set(table["genre"]) - set(classes))
     if unknown:
         raise ConfigError(f"{path}: genres {unknown} are not in params genres")
     if table.duplicated(keys).any():
@@ -106,7 +137,7 @@ def ratio(test_size: float) -> str:
     return f"{100 - test}/{test}"
 
 
-def clip_stratified(clips: pd.DataFrame, settings: ProtocolSettings) -> ProtocolData:
+def clip_stratified(clips: pd.DataFrame, settings: ProtocolInputs) -> ProtocolData:
     folds = []
     for seed in settings.seeds:
         assignments = split_strategies.assign_groups(clips, 0.0, settings.test_size, seed, None)
@@ -120,23 +151,20 @@ def clip_stratified(clips: pd.DataFrame, settings: ProtocolSettings) -> Protocol
     )
 
 
-def artist_lists(settings: ProtocolSettings) -> tuple[dict[str, list[str]], str]:
-    """The artist-filtered lists (track ids per subset) and where they came from."""
-    if settings.lists_dir is not None:
-        return split_strategies.read_filtered_lists(settings.lists_dir), str(settings.lists_dir)
-    if not settings.download.get("url"):
-        raise ConfigError("no artist-filtered lists: set report.lists_dir or --lists-dir")
-    folder = split_strategies.download_filtered_lists(
-        str(settings.download["url"]),
-        settings.download["download_dir"],
-        settings.download["timeout_s"],
-        settings.download["sha256"],
-    )
-    return split_strategies.read_filtered_lists(folder), str(folder)
+def artist_lists(settings: ProtocolInputs) -> tuple[dict[str, list[str]], str]:
+    """The artist-filtered lists (track ids per subset) and where they came from: report's
+    lists_dir, else split.artist_filtered's (its lists_dir, or its download)."""
+    folder = settings.lists_dir
+    if folder is None:
+        lists = settings.artist_filtered
+        if not lists.lists_dir and not lists.url:
+            raise ConfigError("no artist-filtered lists: set report.lists_dir or --lists-dir")
+        folder = filtered_lists.lists_folder(lists, settings.root)
+    return filtered_lists.read_filtered_lists(folder), str(folder)
 
 
 def artist_filtered(
-    clips: pd.DataFrame, lists: dict[str, list[str]], settings: ProtocolSettings
+    clips: pd.DataFrame, lists: dict[str, list[str]], settings: ProtocolInputs
 ) -> ProtocolData:
     """Train on the train + valid lists, test on the test list; the clips the table lacks, and
     the table's clips no list names, are counted in the notes."""
@@ -179,7 +207,7 @@ def segment_description(segments: pd.DataFrame) -> str:
     return f"3 s, {segments['track_id'].nunique()} clips ({len(segments)} segments)"
 
 
-def random_segments(segments: pd.DataFrame, settings: ProtocolSettings) -> ProtocolData:
+def random_segments(segments: pd.DataFrame, settings: ProtocolInputs) -> ProtocolData:
     folds = []
     for seed in settings.seeds:
         assignments = split_strategies.assign_segments(segments, 0.0, settings.test_size, seed)
@@ -209,7 +237,7 @@ def _spread(values: list[int]) -> str:
     return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
-def song_grouped(segments: pd.DataFrame, settings: ProtocolSettings) -> ProtocolData:
+def song_grouped(segments: pd.DataFrame, settings: ProtocolInputs) -> ProtocolData:
     tracks = segments.groupby("track_id", sort=True)["genre"].first().reset_index()
     folds = []
     for seed in settings.seeds:
@@ -230,7 +258,7 @@ def song_grouped(segments: pd.DataFrame, settings: ProtocolSettings) -> Protocol
     )
 
 
-def prepare(settings: ProtocolSettings) -> tuple[list[ProtocolData], dict[str, str], dict]:
+def prepare(settings: ProtocolInputs) -> tuple[list[ProtocolData], dict[str, str], dict]:
     """The protocols that can run, the reasons the others cannot, and the tables' sizes."""
     prepared: list[ProtocolData] = []
     skipped: dict[str, str] = {}
@@ -238,7 +266,11 @@ def prepare(settings: ProtocolSettings) -> tuple[list[ProtocolData], dict[str, s
 
     if settings.reference_table.is_file():
         clips = normalise_table(
-            pd.read_csv(settings.reference_table), settings.reference_table, "clip", settings
+            pd.read_csv(settings.reference_table),
+            settings.reference_table,
+            "clip",
+            settings.classes,
+            settings.n_mfcc,
         )
         sizes["clips"] = len(clips)
         prepared.append(clip_stratified(clips, settings))
@@ -254,7 +286,11 @@ def prepare(settings: ProtocolSettings) -> tuple[list[ProtocolData], dict[str, s
 
     if settings.segments_table.is_file():
         segments = normalise_table(
-            pd.read_csv(settings.segments_table), settings.segments_table, "segment", settings
+            pd.read_csv(settings.segments_table),
+            settings.segments_table,
+            "segment",
+            settings.classes,
+            settings.n_mfcc,
         )
         sizes["segment_clips"] = int(segments["track_id"].nunique())
         sizes["segments"] = len(segments)

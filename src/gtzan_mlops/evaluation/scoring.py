@@ -20,46 +20,18 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from gtzan_mlops.data.splits import TEST_SUBSET
 
 if TYPE_CHECKING:
-    from gtzan_mlops.evaluation.uncertainty import BootstrapSettings, Interval
+    from gtzan_mlops.evaluation.uncertainty import Interval
+    from gtzan_mlops.settings.schema import Uncertainty
 
 LEVELS = ("clip", "segment")
 METRICS = ("accuracy", "macro_f1", "song_accuracy", "song_macro_f1")
 
 
-SELECTION_SOURCES = ("validation", "cross_validation")
+SELECTION_SOURCES = ("validation", "cross_validation")  # params selection.source
 
 
 class EvaluationError(ValueError):
     """Evaluation cannot proceed; the message says which input is wrong and why."""
-
-
-@dataclass(frozen=True)
-class SelectionSettings:
-    """How a model is scored for the choice among candidates (params `selection`): computed by
-    the train stage (not part of the study's name: it changes no trial, only what is computed
-    after them), and read by evaluate, which refuses scores made by another rule."""
-
-    source: str  # validation or cross_validation
-    metric: str  # one of scoring.METRICS
-    folds: int  # of train+valid, for cross_validation
-    seed: int  # of the folds' shuffle
-
-    def same_rule(self, source: str, metric: str) -> bool:
-        return (self.source, self.metric) == (source, metric)
-
-    def describe(self) -> str:
-        return f"{self.source} {self.metric}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SelectionSettings:
-        """params `selection`, as params_schema validated it."""
-        section = params["selection"]
-        return cls(
-            source=str(section["source"]),
-            metric=str(section["metric"]),
-            folds=int(section["folds"]),
-            seed=int(section["seed"]),
-        )
 
 
 @dataclass
@@ -190,7 +162,7 @@ def evaluation_interval(
     evaluation: FamilyEvaluation,
     metric: str,
     unit_of_track: Mapping[str, str],
-    settings: BootstrapSettings,
+    settings: Uncertainty,
 ) -> Interval:
     """One of METRICS with its interval: row metrics resample each row with its track's unit,
     song metrics each song; a track missing from `unit_of_track` is a unit of its own."""
@@ -218,7 +190,7 @@ def evaluation_interval(
 def score_intervals(
     evaluation: FamilyEvaluation,
     unit_of_track: Mapping[str, str],
-    settings: BootstrapSettings,
+    settings: Uncertainty,
 ) -> dict[str, dict[str, float | int]]:
     """{f"{subset}_{metric}": Interval.to_dict()} for every one of METRICS: accuracy and
     macro_f1 over the rows (each resampled with its track's unit), song_accuracy and

@@ -12,14 +12,14 @@ import pandas as pd
 from gtzan_mlops.data.splits import (
     TEST_SUBSET,
     attach_subsets,
-    feature_dir,
     load_split,
-    split_dir,
     split_fingerprint,
     unit_of_track,
 )
 from gtzan_mlops.evaluation.scoring import EvaluationError
 from gtzan_mlops.features import feature_sets
+from gtzan_mlops.settings.loading import resolve_path
+from gtzan_mlops.settings.schema import Paths
 
 
 def split_rows(
@@ -73,13 +73,14 @@ class TestData:
         return self.digests[key]
 
 
-def load_test_data(params: dict[str, Any], root: Path) -> TestData:
-    """The test subset of the active split, from the feature tables the models trained on."""
-    folder = split_dir(params, root)
+def load_test_data(paths: Paths, root: Path) -> TestData:
+    """The test subset of the active split (`paths.split`), from the feature tables the models
+    trained on (`paths.features`)."""
+    folder = resolve_path(paths.split, root)
     assignments, summary = load_split(folder)
     return TestData(
         summary=summary,
         split_sha256=split_fingerprint(folder),
-        features_dir=feature_dir(params, root),
+        features_dir=resolve_path(paths.features, root),
         assignments=assignments,
     )

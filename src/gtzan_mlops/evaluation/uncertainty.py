@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from gtzan_mlops.settings.schema import Uncertainty
 
 METRIC_NAMES = ("accuracy", "macro_f1")
 
@@ -55,34 +56,12 @@ class Interval:
         return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
-@dataclass(frozen=True)
-class BootstrapSettings:
-    level: float
-    n_resamples: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        if not 0 < self.level < 1:
-            raise ValueError(f"uncertainty level must lie strictly between 0 and 1: {self.level}")
-        if self.n_resamples < 1:
-            raise ValueError(f"uncertainty n_resamples must be at least 1: {self.n_resamples}")
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> BootstrapSettings:
-        section = params["uncertainty"]
-        return cls(
-            level=float(section["level"]),
-            n_resamples=int(section["n_resamples"]),
-            seed=int(section["seed"]),
-        )
-
-
 def metric_interval(
     actual: Sequence[str],
     predicted: Sequence[str],
     units: Sequence[str],
     metric: str,
-    settings: BootstrapSettings,
+    settings: Uncertainty,
 ) -> Interval:
     """The metric of `predicted` against `actual` with its cluster-bootstrap interval."""
     values, resampled, n_units = _bootstrap(actual, (predicted,), units, metric, settings)
@@ -95,7 +74,7 @@ def difference_interval(
     predicted_b: Sequence[str],
     units: Sequence[str],
     metric: str,
-    settings: BootstrapSettings,
+    settings: Uncertainty,
 ) -> Interval:
     """metric(a) - metric(b), paired: both are scored on the same resampled units each time, so
     what the two get right or wrong together cancels out of the interval."""
@@ -105,9 +84,7 @@ def difference_interval(
     return _interval(values[0] - values[1], resampled[0] - resampled[1], n_units, settings)
 
 
-def _interval(
-    value: float, resampled: np.ndarray, n_units: int, settings: BootstrapSettings
-) -> Interval:
+def _interval(value: float, resampled: np.ndarray, n_units: int, settings: Uncertainty) -> Interval:
     tail = (1 - settings.level) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     return Interval(
@@ -125,7 +102,7 @@ def _resampled_values(
     predicted: Sequence[str],
     units: Sequence[str],
     metric: str,
-    settings: BootstrapSettings,
+    settings: Uncertainty,
 ) -> np.ndarray:
     """The metric on each resample (for tests). Column j of the draw counts is the j-th unit in
     sorted order of the unit ids."""
@@ -137,7 +114,7 @@ def _bootstrap(
     predictions: tuple[Sequence[str], ...],
     units: Sequence[str],
     metric: str,
-    settings: BootstrapSettings,
+    settings: Uncertainty,
 ) -> tuple[list[float], np.ndarray, int]:
     """Each prediction's metric on all rows, its metric on each resample (one row per
     prediction, all on the same resamples) and the number of units."""
@@ -193,7 +170,7 @@ def _bootstrap(
     return values, resampled, n_units
 
 
-def _draw_counts(n_units: int, cells: int, settings: BootstrapSettings) -> Iterator[np.ndarray]:
+def _draw_counts(n_units: int, cells: int, settings: Uncertainty) -> Iterator[np.ndarray]:
     """How often each unit is drawn in each resample, a chunk of resamples at a time. Drawing in
     chunks gives the same counts as one draw of all resamples (the generator draws row by row),
     so the result does not depend on the chunk size."""

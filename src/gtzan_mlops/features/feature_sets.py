@@ -14,21 +14,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from gtzan_mlops.data.audio import resample
 from gtzan_mlops.features.handcrafted import (
     ClipFeatures,
-    FeatureSettings,
     extract_clip,
     feature_names,
     normalise_loudness,
     segment_bounds,
 )
 from gtzan_mlops.settings.loading import resolve_path
+from gtzan_mlops.settings.schema import FeatureSettings, Settings
 
 HANDCRAFTED = "handcrafted"
 MUSICNN = "musicnn"
@@ -48,23 +48,26 @@ KEY_COLUMNS = {"clip": ["track_id"], "segment": ["track_id", "segment"]}
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """What the stage computes per clip: the hand-crafted settings and the musicnn weights."""
+    """What the features stage computes per clip: the feature settings, the MSD_musicnn
+    checkpoint folder and the patches per forward pass. The stage always embeds; without
+    weights (None, and no batch size) only the hand-crafted features are computed, to measure
+    what the embeddings cost (benchmarks)."""
 
     features: FeatureSettings
-    # The MSD_musicnn checkpoint folder; the stage always has one, None (hand-crafted features
-    # only) is for measuring what the embeddings cost (benchmarks).
-    musicnn_weights: Path | None = None
-    musicnn_batch_size: int | None = None  # resources.features.musicnn_batch_size, with weights
+    musicnn_weights: Path | None
+    musicnn_batch_size: int | None
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], root: Path) -> ExtractionSettings:
+    def of(cls, settings: Settings, root: Path) -> ExtractionSettings:
+        """`features` and `resources.features.musicnn_batch_size`, the checkpoint folder of
+        `features.musicnn.weights_dir` (the musicnn wheel's when null) checked for its files."""
         from gtzan_mlops.features.musicnn import weights_dir
 
-        configured = params["features"]["musicnn"]["weights_dir"]
+        configured = settings.features.musicnn.weights_dir
         return cls(
-            features=FeatureSettings.from_params(params),
+            features=settings.features,
             musicnn_weights=weights_dir(resolve_path(configured, root) if configured else None),
-            musicnn_batch_size=int(params["resources"]["features"]["musicnn_batch_size"]),
+            musicnn_batch_size=settings.resources.features.musicnn_batch_size,
         )
 
 
@@ -129,19 +132,19 @@ def made_with(
         if not isinstance(features, dict):
             raise TypeError(f"features is a {type(features).__name__}, not a mapping")
         # Tables made before a setting existed came from older code: they are remade.
-        missing = [name for name in FeatureSettings.__dataclass_fields__ if name not in features]
+        missing = [name for name in FeatureSettings.model_fields if name not in features]
         if missing:
             raise FeatureSetError(
                 f"{path}: the feature tables were made before the feature settings "
                 f"{', '.join(missing)} existed; rerun the features stage (dvc repro)"
             )
-        recorded = FeatureSettings(**features)
+        recorded = FeatureSettings.model_validate(features)
     except FileNotFoundError:
         raise FeatureSetError(
             f"{path}: no record of the settings the feature tables were made with (rerun the "
             "features stage)"
         ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as error:
         raise FeatureSetError(f"{path}: not a features settings record ({error})") from None
     made, asked = recorded.to_dict(), expected.to_dict()
     differing = {key: (made[key], asked[key]) for key in made if made[key] != asked[key]}
@@ -226,15 +229,16 @@ def extract_sets(
     musicnn_weights: Path | None,
     include_clip: bool = True,
     handcrafted: bool = True,
-    batch_size: int | None = None,
+    *,
+    batch_size: int | None,
 ) -> ExtractedSets:
     """The feature sets of one decoded clip (mono, at its own `file_rate`).
 
     The hand-crafted features see the clip resampled to `settings.sample_rate`; musicnn (when
     `musicnn_weights` is given) sees it resampled to 16 kHz, one patch per segment of the same
-    bounds, `batch_size` patches at a time. `handcrafted=False` skips the hand-crafted features
-    where a model does not use them (the segment bounds are still those of the hand-crafted
-    segmentation).
+    bounds, `batch_size` patches at a time (None without weights). `handcrafted=False` skips the
+    hand-crafted features where a model does not use them (the segment bounds are still those of
+    the hand-crafted segmentation).
 
     Both see the clip after loudness normalisation (`features.normalise_loudness`, off when
     `settings.loudness_target_dbfs` is None), done here once for the training tables and for

@@ -11,14 +11,15 @@ import contextlib
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import librosa
 import numpy as np
 from filelock import FileLock
 from scipy import ndimage
+
+from gtzan_mlops.settings.schema import FeatureSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,41 +48,14 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class FeatureSettings:
-    """Everything that decides a feature value (params `features`); stored with every trained
-    model."""
+def segment_samples(settings: FeatureSettings) -> int:
+    """The samples of one segment at the features' sample rate."""
+    return round(settings.segment_seconds * settings.sample_rate)
 
-    sample_rate: int
-    n_fft: int
-    hop_length: int
-    n_mfcc: int
-    clip_seconds: float
-    segment_seconds: float
-    # A final segment this much complete still counts, moved back to end at the clip's end: many
-    # GTZAN clips are a few ms short of 30 s and would otherwise lose their tenth segment.
-    last_segment_min_fraction: float
-    # Loudness normalisation (see `normalise_loudness`): the RMS level in dBFS every clip is
-    # scaled to before any feature is computed (None: off), and the most gain that may take.
-    loudness_target_dbfs: float | None
-    loudness_max_gain_db: float
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> FeatureSettings:
-        """The `features` section of params.yaml (its `musicnn` part is ExtractionSettings')."""
-        section = params["features"]
-        return cls(**{key: section[key] for key in cls.__dataclass_fields__})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def segment_samples(self) -> int:
-        return round(self.segment_seconds * self.sample_rate)
-
-    @property
-    def max_segments(self) -> int:
-        return round(self.clip_seconds / self.segment_seconds)
+def max_segments(settings: FeatureSettings) -> int:
+    """The most segments a clip is cut into: `clip_seconds / segment_seconds` of them."""
+    return round(settings.clip_seconds / settings.segment_seconds)
 
 
 # The settings of the widely used GTZAN feature table (features_30_sec.csv, features_3_sec.csv),
@@ -245,11 +219,11 @@ def segment_bounds(n_samples: int, settings: FeatureSettings) -> list[tuple[int,
     `clip_seconds / segment_seconds` of them. A trailing partial segment counts only if it has
     `last_segment_min_fraction` of a segment's samples; it then ends at the clip's end (overlapping
     its neighbour by the missing samples), so every segment is exactly one segment long."""
-    length = settings.segment_samples
-    full = min(n_samples // length, settings.max_segments)
+    length = segment_samples(settings)
+    full = min(n_samples // length, max_segments(settings))
     bounds = [(index * length, (index + 1) * length) for index in range(full)]
     remainder = n_samples - full * length
-    if full < settings.max_segments and remainder >= settings.last_segment_min_fraction * length:
+    if full < max_segments(settings) and remainder >= settings.last_segment_min_fraction * length:
         bounds.append((n_samples - length, n_samples))
     return bounds
 
@@ -259,7 +233,7 @@ def check_waveform(waveform: np.ndarray, settings: FeatureSettings) -> np.ndarra
     samples = np.asarray(waveform, dtype=np.float32)
     if samples.ndim != 1:
         raise FeatureError(f"expected a mono waveform, got an array of shape {samples.shape}")
-    if len(samples) < settings.segment_samples:
+    if len(samples) < segment_samples(settings):
         raise FeatureError(
             f"{len(samples) / settings.sample_rate:.2f} s of audio is shorter than one "
             f"{settings.segment_seconds:g} s segment"
@@ -306,7 +280,7 @@ def warm_up(settings: FeatureSettings) -> None:
     it. Call it before starting worker processes, and where a process that may start beside
     others (a serving worker) loads.
     """
-    noise = (0.1 * np.random.default_rng(0).standard_normal(settings.segment_samples)).astype(
+    noise = (0.1 * np.random.default_rng(0).standard_normal(segment_samples(settings))).astype(
         np.float32
     )
     path = jit_lock_path()

@@ -16,7 +16,7 @@ rounds) to an optional callback, which Optuna uses to prune.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -27,11 +27,13 @@ import pandas as pd
 from gtzan_mlops.features.tf_runtime import import_tensorflow
 from gtzan_mlops.settings.families import CLASSIC_FAMILIES, FAMILIES, KERAS_FAMILIES
 from gtzan_mlops.settings.loading import ConfigError
+from gtzan_mlops.settings.schema import Choice, FloatRange, IntRange, SpaceEntry
 
 # Called with (step, validation accuracy) during training; may raise optuna.TrialPruned.
 ReportFn = Callable[[int, float], None]
 
 XGBOOST_REPORT_EVERY = 10  # boosting rounds between reports to the pruner
+SPACE_RANGES = (IntRange, FloatRange, Choice)  # the entries of a search space Optuna samples
 
 
 def flavor_of(family: str) -> str:
@@ -47,56 +49,35 @@ def flavor_of(family: str) -> str:
 # --- hyperparameters from params.yaml -------------------------------------------------------
 
 
-def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters for one Optuna trial from a search space in params.yaml.
-
-    Each entry is either a fixed value, or a mapping with `type`:
-      {type: int, low: 1, high: 40[, step: 1][, log: false]}
-      {type: float, low: 1.0e-4, high: 1.0e-1[, log: true][, step: ...]}
-      {type: categorical, choices: [a, b, c]}
-    """
+def suggest(trial: Any, space: Mapping[str, SpaceEntry]) -> dict[str, Any]:
+    """Hyperparameters for one Optuna trial from a search space of params.yaml
+    (`train.<family>.space`, validated by the schema): each entry a fixed value, an IntRange, a
+    FloatRange or a Choice. A range's `step` and `log`, when not written, are Optuna's own."""
     values: dict[str, Any] = {}
     for name, spec in space.items():
-        if not isinstance(spec, dict):
+        if isinstance(spec, IntRange):
+            values[name] = trial.suggest_int(name, spec.low, spec.high, **_options(spec))
+        elif isinstance(spec, FloatRange):
+            values[name] = trial.suggest_float(name, spec.low, spec.high, **_options(spec))
+        elif isinstance(spec, Choice):
+            values[name] = trial.suggest_categorical(name, list(spec.choices))
+        else:
             values[name] = spec
-            continue
-        kind = spec.get("type")
-        try:
-            if kind == "int":
-                values[name] = trial.suggest_int(
-                    name,
-                    int(spec["low"]),
-                    int(spec["high"]),
-                    step=int(spec.get("step", 1)),
-                    log=bool(spec.get("log", False)),
-                )
-            elif kind == "float":
-                values[name] = trial.suggest_float(
-                    name,
-                    float(spec["low"]),
-                    float(spec["high"]),
-                    step=spec.get("step"),
-                    log=bool(spec.get("log", False)),
-                )
-            elif kind == "categorical":
-                values[name] = trial.suggest_categorical(name, list(spec["choices"]))
-            else:
-                raise ConfigError(
-                    f"search space entry {name!r}: type must be int, float or categorical, "
-                    f"got {kind!r}"
-                )
-        except KeyError as error:
-            raise ConfigError(f"search space entry {name!r} lacks {error.args[0]!r}") from error
     return values
 
 
-def tunable(space: dict[str, Any]) -> list[str]:
+def _options(spec: IntRange | FloatRange) -> dict[str, Any]:
+    """The optional keys of a range written in params.yaml (`step`, `log`)."""
+    return spec.model_dump(include={"step", "log"}, exclude_none=True)
+
+
+def tunable(space: Mapping[str, SpaceEntry]) -> list[str]:
     """The names Optuna searches (the others are fixed values)."""
-    return [name for name, spec in space.items() if isinstance(spec, dict)]
+    return [name for name, spec in space.items() if isinstance(spec, SPACE_RANGES)]
 
 
-def fixed(space: dict[str, Any]) -> dict[str, Any]:
-    return {name: spec for name, spec in space.items() if not isinstance(spec, dict)}
+def fixed(space: Mapping[str, SpaceEntry]) -> dict[str, Any]:
+    return {name: spec for name, spec in space.items() if not isinstance(spec, SPACE_RANGES)}
 
 
 # --- building and fitting -------------------------------------------------------------------
@@ -153,11 +134,8 @@ def build_classic(
 
         # Probabilities (for song votes and serving) by Platt scaling on cross-validated
         # decision values: what SVC(probability=True) did before scikit-learn 1.9 deprecated it.
-        if values.get("decision_function_shape", "ovr") != "ovr":
-            raise ConfigError(
-                "svm: decision_function_shape must be 'ovr': calibration reads one decision "
-                "value per genre (SVC classifies one-vs-one whatever this setting says)"
-            )
+        # (One decision value per genre: the schema refuses decision_function_shape other than
+        # ovr, SVC's own.)
         folds = max(2, min(5, smallest_class))
         estimator = CalibratedClassifierCV(SVC(**values), ensemble=False, cv=folds)
     elif family == "logistic_regression":
@@ -167,7 +145,8 @@ def build_classic(
     elif family == "mlp":
         from sklearn.neural_network import MLPClassifier
 
-        layers = hidden_layers(values.pop("hidden_layers", "100"))
+        layers = hidden_layers(required(values, "hidden_layers", family))
+        del values["hidden_layers"]
         estimator = MLPClassifier(hidden_layer_sizes=layers, random_state=seed, **values)
     else:
         raise ConfigError(f"{family!r} is not a classic family")

@@ -23,12 +23,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import soundfile
 
 from gtzan_mlops.data.audio import resample
+from gtzan_mlops.settings.schema import Behaviour
 
 LAME_MISSING = (
     "lame not found on PATH: the MP3 check of promote.behaviour needs it "
@@ -70,36 +70,13 @@ class Transform:
         return self.encode(view, int(sample_rate))
 
 
-@dataclass(frozen=True)
-class BehaviourSettings:
-    """`promote.behaviour` in params.yaml."""
-
-    min_unchanged: float  # share of test clips whose genre must survive each transform
-    gains_db: tuple[float, ...]
-    shift_s: float
-    resample_rate: int
-    resample_channels: int
-    mp3_kbps: int
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> BehaviourSettings:
-        section = params["promote"]["behaviour"]
-        return cls(
-            min_unchanged=float(section["min_unchanged"]),
-            gains_db=tuple(float(gain) for gain in section["gains_db"]),
-            shift_s=float(section["shift_s"]),
-            resample_rate=int(section["resample_rate"]),
-            resample_channels=int(section["resample_channels"]),
-            mp3_kbps=int(section["mp3_kbps"]),
-        )
-
-    def transforms(self) -> list[Transform]:
-        """Gains (in the order given), shift, resample, MP3."""
-        found = [_gain(gain_db) for gain_db in self.gains_db]
-        found.append(_shift(self.shift_s))
-        found.append(_resampling(self.resample_rate, self.resample_channels))
-        found.append(_mp3(self.mp3_kbps))
-        return found
+def transforms(behaviour: Behaviour) -> list[Transform]:
+    """The transforms of `promote.behaviour`: gains (in the order given), shift, resample, MP3."""
+    found = [_gain(gain_db) for gain_db in behaviour.gains_db]
+    found.append(_shift(behaviour.shift_s))
+    found.append(_resampling(behaviour.resample_rate, behaviour.resample_channels))
+    found.append(_mp3(behaviour.mp3_kbps))
+    return found
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int) -> bytes:
@@ -122,9 +99,9 @@ def encode_wav(samples: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def require_tools(settings: BehaviourSettings) -> None:
+def require_tools(behaviour: Behaviour) -> None:
     """Fail early, before any model is scored, when a transform's program is missing."""
-    if settings.mp3_kbps:
+    if behaviour.mp3_kbps:
         _lame_path()
 
 

@@ -16,7 +16,6 @@ from gtzan_mlops.tracking import CHAMPION_ALIAS
 log = logging.getLogger(__name__)
 
 TRAINING_CLIPS_FILE = "training_clips.csv"  # in each serving run: the version's training clips
-UNLOADABLE = ("stop", "absent")  # promote.unloadable_champion
 
 
 def current_champion(client: Any, model_name: str) -> Any | None:

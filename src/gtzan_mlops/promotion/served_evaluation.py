@@ -26,17 +26,14 @@ from typing import Any
 
 import pandas as pd
 
-from gtzan_mlops.data.splits import TEST_SUBSET, load_split, split_dir, unit_of_track
+from gtzan_mlops.data.splits import TEST_SUBSET, load_split, unit_of_track
 from gtzan_mlops.evaluation.scoring import EvaluationError
-from gtzan_mlops.evaluation.uncertainty import (
-    BootstrapSettings,
-    Interval,
-    difference_interval,
-    metric_interval,
-)
-from gtzan_mlops.promotion.behaviour import BehaviourSettings, Transform, unchanged_fraction
+from gtzan_mlops.evaluation.uncertainty import Interval, difference_interval, metric_interval
+from gtzan_mlops.promotion.behaviour import Transform, unchanged_fraction
+from gtzan_mlops.promotion.behaviour import transforms as gate_transforms
 from gtzan_mlops.promotion.rule import BehaviourResult, Comparison
 from gtzan_mlops.settings.loading import resolve_path
+from gtzan_mlops.settings.schema import Behaviour, Paths, Uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +72,10 @@ def clips_digest(hashes: Sequence[str] | pd.Series) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def load_split_clips(params: dict[str, Any], root: Path) -> SplitClips:
-    """The test and training clips of the active split, with their audio paths and hashes."""
-    table_path = resolve_path(params["paths"]["duplicates"], root)
+def load_split_clips(paths: Paths, root: Path) -> SplitClips:
+    """The test and training clips of the active split (`paths.split`), with their audio paths
+    and hashes (the duplicates stage's table, `paths.duplicates`)."""
+    table_path = resolve_path(paths.duplicates, root)
     try:
         table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -85,7 +83,7 @@ def load_split_clips(params: dict[str, Any], root: Path) -> SplitClips:
     missing = {"track_id", "genre", "path", "samples_sha256"} - set(table.columns)
     if missing:
         raise EvaluationError(f"{table_path}: lacks the columns {sorted(missing)}")
-    assignments, _ = load_split(split_dir(params, root))
+    assignments, _ = load_split(resolve_path(paths.split, root))
     subsets = assignments.groupby("track_id")["subset"].agg(lambda values: set(values))
     units = unit_of_track(assignments)
     table = table[table["track_id"].isin(subsets.index)]
@@ -122,7 +120,7 @@ class ServedModel:
 
     def _request(self, payloads: Sequence[bytes]) -> list[str]:
         """The genres of one request of `payloads`, as a client would send them."""
-        from gtzan_mlops.serving.classifier import BASE64_COLUMN, GENRE_COLUMN
+        from gtzan_mlops.serving.spec import BASE64_COLUMN, GENRE_COLUMN
 
         encoded = [base64.b64encode(data).decode("ascii") for data in payloads]
         answer = self.model.predict(pd.DataFrame({BASE64_COLUMN: encoded}))
@@ -203,7 +201,7 @@ def _labels(genres: Sequence[str | None], refused: str = REFUSED_LABEL) -> list[
 
 
 def served_scores(
-    clips: SplitClips, genres: Sequence[str | None], bootstrap: BootstrapSettings
+    clips: SplitClips, genres: Sequence[str | None], bootstrap: Uncertainty
 ) -> dict[str, Interval]:
     """`test_song_accuracy` and `test_song_macro_f1` of one model's answers on the test clips,
     with their intervals over the clips' units."""
@@ -221,7 +219,7 @@ def compare(
     champion: Sequence[str | None],
     champion_version: str,
     metric: str,
-    bootstrap: BootstrapSettings,
+    bootstrap: Uncertainty,
 ) -> Comparison:
     """Challenger and champion on the same test clips by `metric` (a key of SONG_METRICS), and
     their paired difference."""
@@ -242,7 +240,7 @@ def check_behaviour(
     challenger: ServedModel,
     clips: SplitClips,
     reference: Sequence[str | None],
-    settings: BehaviourSettings,
+    behaviour: Behaviour,
 ) -> BehaviourResult:
     """The share of test clips whose served genre each transform leaves as in `reference` (the
     answers to the clips as they are); a clip refused, before or after, counts as changed."""
@@ -250,20 +248,20 @@ def check_behaviour(
 
     from gtzan_mlops.console import progress_off
 
-    transforms = settings.transforms()
+    checked = gate_transforms(behaviour)
     with tqdm(
         total=len(clips.test), desc="behaviour", unit="clip", disable=progress_off(True)
     ) as bar:
-        answers = challenger.transformed_genres(clips.test, transforms, bar.update)
+        answers = challenger.transformed_genres(clips.test, checked, bar.update)
     before = _labels(reference)
     unchanged = {
         transform.name: unchanged_fraction(
             before, _labels(answers[transform.name], f"{REFUSED_LABEL} after")
         )
-        for transform in transforms
+        for transform in checked
     }
     return BehaviourResult(
-        settings.min_unchanged,
+        behaviour.min_unchanged,
         unchanged,
-        {transform.name: transform.description for transform in transforms},
+        {transform.name: transform.description for transform in checked},
     )

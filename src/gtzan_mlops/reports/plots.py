@@ -68,3 +68,25 @@ def per_class_f1_png(scores: dict[str, float], path: Path, title: str) -> Path:
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+def pca_scatter_png(
+    points: pd.DataFrame, explained: list[float], genres: list[str], path: Path
+) -> Path:
+    """The clips on their first two principal components (`points`: genre, pc1, pc2), one colour
+    per genre in the given order; the axes say how much of the variance each explains."""
+    import matplotlib
+
+    figure = Figure(figsize=(8, 6), dpi=100)
+    axes = figure.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for index, genre in enumerate(genres):
+        chosen = points[points["genre"] == genre]
+        axes.scatter(chosen["pc1"], chosen["pc2"], s=18, color=colours(index % 10), label=genre)
+    axes.set_xlabel(f"PC1 ({explained[0]:.1%} of variance)")
+    axes.set_ylabel(f"PC2 ({explained[1]:.1%} of variance)")
+    axes.set_title(f"PCA of the 30 s features ({len(points)} clips)")
+    axes.legend(loc="best", fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -20,7 +20,7 @@ CSV, parquet) before the model sees it, and has no hook to change that. `gtzan-m
   keys, the model's parameters and their types), with messages that quote nothing of it:
   MLflow's own messages quote the body, whole.
 - Time: the model's budget (`request_timeout_s`) runs from the request's arrival here
-  (serving.REQUEST_ARRIVAL); MLflow's own timeout is set to twice that, a backstop, so the
+  (serving.limits.REQUEST_ARRIVAL); MLflow's own timeout is set to twice that, a backstop, so the
   model's 503 comes first and the request's work stops with it.
 - Memory: after each request glibc is asked to hand back the pages it freed (malloc_trim);
   `gtzan-mlops serve` also sets its allocator's arenas and mmap threshold (resources.serve).
@@ -41,7 +41,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
 
-from gtzan_mlops.serving.classifier import REQUEST_ARRIVAL, ServingLimits
+from gtzan_mlops.serving.limits import REQUEST_ARRIVAL
+from gtzan_mlops.settings.schema import ServedConfig
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -70,7 +71,7 @@ _ERROR_CODES = {
 }
 
 
-def body_limit_bytes(limits: ServingLimits) -> int:
+def body_limit_bytes(limits: ServedConfig) -> int:
     """The largest request body: the base64 of `max_request_mib` of audio and its JSON."""
     return math.ceil(limits.max_request_mib * 2**20 * 4 / 3) + JSON_FRAMING_BYTES
 
@@ -211,7 +212,7 @@ class Admission:
 class RequestGuard:
     """The ASGI app in front of MLflow's scoring app (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, limits: ServingLimits, params: dict[str, str]):
+    def __init__(self, app: ASGIApp, limits: ServedConfig, params: dict[str, str]):
         self.app = app
         self.limits = limits
         self.params = params  # the model's request parameters: name -> type name
@@ -398,11 +399,11 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def served_limits(model: Any) -> ServingLimits:
+def served_limits(model: Any) -> ServedConfig:
     """The limits of a loaded served model (its model config, overrides included)."""
     python_model = model.unwrap_python_model()
     limits = getattr(python_model, "limits", None)
-    if not isinstance(limits, ServingLimits):
+    if not isinstance(limits, ServedConfig):
         raise TypeError("the served model is not the project's GenreClassifier")
     return limits
 

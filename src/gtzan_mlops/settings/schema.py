@@ -2,8 +2,9 @@
 
 An unknown key, a missing key or a value of the wrong type is an error naming the key's path
 (`train.xgboost.space.max_depth.high: ...`). The schema holds no defaults: every value is the one
-written in params.yaml, so no default lives in two places. Stages get the validated settings as
-plain mappings (values coerced to their types: `seed: 3.0` from `mlflow run` becomes 3).
+written in params.yaml, so no default lives in two places. Stages and libraries receive the
+validated `Settings` object and read it by attribute (values coerced to their types: `seed: 3.0`
+from `mlflow run` becomes 3).
 """
 
 from __future__ import annotations
@@ -100,14 +101,26 @@ class DemoSource(Section):
     seed: Count
 
 
+# The quality gates of a clip, in the pipeline (`data`) and the served model (ServedConfig) alike.
+MinDuration = Annotated[Float, Field(ge=0)]
+SilencePeak = Annotated[Float, Field(ge=0)]
+MaxPeak = Annotated[Float, Field(gt=1)]
+
+
 class Data(Section):
     source: Literal["demo", "gtzan", "local"]
     local_dir: Path | None
     gtzan: GtzanSource
     demo: DemoSource
-    min_duration_s: Annotated[Float, Field(ge=0)]
-    silence_peak: Annotated[Float, Field(ge=0)]
-    max_peak: Annotated[Float, Field(gt=1)]
+    min_duration_s: MinDuration
+    silence_peak: SilencePeak
+    max_peak: MaxPeak
+
+    @model_validator(mode="after")
+    def _local_dir_set(self) -> Data:
+        if self.source == "local" and not self.local_dir:
+            raise ValueError("local_dir must be set when source is local")
+        return self
 
 
 class Duplicates(Section):
@@ -130,16 +143,31 @@ class Musicnn(Section):
     weights_dir: Path | None
 
 
-class Features(Section):
+class FeatureSettings(Section):
+    """Everything that decides a feature value: `features` but its musicnn checkpoint (recorded
+    by its sha256). Stored beside the feature tables and with every served model (`to_dict`),
+    and read back through this model, so a stored record is checked as params.yaml is."""
+
     sample_rate: Annotated[Int, Field(ge=1000)]
     n_fft: Positive
     hop_length: Positive
     n_mfcc: Positive
     clip_seconds: Annotated[Float, Field(gt=0)]
     segment_seconds: Annotated[Float, Field(gt=0)]
+    # A final segment this much complete still counts, moved back to end at the clip's end: many
+    # GTZAN clips are a few ms short of 30 s and would otherwise lose their tenth segment.
     last_segment_min_fraction: Annotated[Float, Field(gt=0, le=1)]
+    # Loudness normalisation (features.handcrafted.normalise_loudness): the RMS level in dBFS
+    # every clip is scaled to before any feature is computed (None: off), and the most gain.
     loudness_target_dbfs: Annotated[Float, Field(le=0)] | None
     loudness_max_gain_db: Annotated[Float, Field(ge=0)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record: these fields only, also of a `Features` section (without `musicnn`)."""
+        return {name: getattr(self, name) for name in FeatureSettings.model_fields}
+
+
+class Features(FeatureSettings):
     musicnn: Musicnn
 
 
@@ -254,6 +282,17 @@ class Train(Section):
     fnn_simple: Tuning
     xgboost: Tuning
 
+    @model_validator(mode="after")
+    def _svm_one_vs_rest(self) -> Train:
+        # The SVM's probabilities are calibrated on one decision value per genre.
+        for part in (self.svm.space, self.svm.defaults):
+            if part.get("decision_function_shape") not in (None, "ovr"):  # None: SVC's own, ovr
+                raise ValueError(
+                    "svm: decision_function_shape must be 'ovr': calibration reads one decision "
+                    "value per genre (SVC classifies one-vs-one whatever this setting says)"
+                )
+        return self
+
 
 class Selection(Section):
     source: Literal["validation", "cross_validation"]
@@ -306,7 +345,28 @@ class Serving(Section):
     request_timeout_s: Annotated[Float, Field(gt=0)]
     musicnn_batch_size: Positive
     allow_audio_path: StrictBool
-    audio_root: Path | None
+    audio_root: Path | None  # the only folder audio_path may read (symlinks resolved)
+
+    @model_validator(mode="after")
+    def _audio_path_has_a_root(self) -> Serving:
+        if self.allow_audio_path and self.audio_root is None:
+            raise ValueError("allow_audio_path needs an audio_root to read from")
+        return self
+
+
+class ServedConfig(Serving):
+    """A served model's config, `serving` and the gates of `data`: logged with the model and
+    read back (with serve-time overrides) through this model, checked as params.yaml is."""
+
+    min_duration_s: MinDuration
+    silence_peak: SilencePeak
+    max_peak: MaxPeak
+
+    @classmethod
+    def of(cls, serving: Serving, data: Data) -> ServedConfig:
+        """The config of a model served with these (validated) sections."""
+        gates = data.model_dump(include={"min_duration_s", "silence_peak", "max_peak"})
+        return cls.model_construct(**serving.model_dump(), **gates)
 
 
 class Tracking(Section):
@@ -378,7 +438,7 @@ class Resources(Section):
 class Settings(Section):
     """params.yaml, validated: the one settings object the stages and libraries receive."""
 
-    genres: Annotated[list[StrictStr], Field(min_length=2)]
+    genres: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=2)]
     paths: Paths
     resources: Resources
     data: Data

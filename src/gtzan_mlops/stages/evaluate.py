@@ -23,96 +23,26 @@ comparison).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from gtzan_mlops.cli import stage_main
-from gtzan_mlops.data.splits import TEST_SUBSET, split_label
-from gtzan_mlops.evaluation.records import (
-    EVALUATION_FILE,
-    load_family_record,
-    record_feature_set,
-    record_model,
-    stale_reason,
+from gtzan_mlops.data.splits import TEST_SUBSET
+from gtzan_mlops.evaluation.model_evaluation import (
+    ModelEvaluation,
+    evaluate_models,
+    evaluation_metrics,
+    key_metrics,
 )
-from gtzan_mlops.evaluation.scoring import (
-    EvaluationError,
-    FamilyEvaluation,
-    SelectionSettings,
-    score_classifier,
-    score_intervals,
-)
+from gtzan_mlops.evaluation.models_table import MODELS_FILE, MODELS_REPORT, models_markdown
+from gtzan_mlops.evaluation.records import EVALUATION_FILE, load_family_record
+from gtzan_mlops.evaluation.scoring import EvaluationError, FamilyEvaluation
+from gtzan_mlops.evaluation.selection import trained_models
 from gtzan_mlops.evaluation.test_data import TestData, load_test_data
-from gtzan_mlops.evaluation.uncertainty import BootstrapSettings
-from gtzan_mlops.features import feature_sets
-from gtzan_mlops.reports import markdown
 from gtzan_mlops.settings.loading import resolve_path
-
-log = logging.getLogger(__name__)
-
-MODELS_FILE = "models.csv"  # beside it: one row per model, family x feature set
-MODELS_REPORT = "models.md"  # the same as a readable table
-REPORTED = ("test_song_accuracy", "test_song_macro_f1", "test_accuracy")  # with intervals
-SCORE_DIGITS = 9  # selection scores equal to this many decimals are a tie
-
-
-def selection_of(record: dict[str, Any], rule: SelectionSettings) -> dict[str, Any]:
-    """A training record's selection score, if it was computed by `rule`."""
-    selection = record.get("selection")
-    if not selection:
-        raise EvaluationError(
-            f"{record_model(record)}: its training record has no selection score (trained by "
-            "an older version of the train stage); rerun train"
-        )
-    if not rule.same_rule(str(selection["source"]), str(selection["metric"])):
-        raise EvaluationError(
-            f"{record_model(record)}: its selection score is {selection['source']} "
-            f"{selection['metric']}, params ask for {rule.describe()}; rerun train (dvc repro "
-            "does)"
-        )
-    return selection
-
-
-def choose_winner(evaluations: dict[str, dict[str, Any]], candidates: list[str]) -> str:
-    """The candidate with the highest selection score (never a test score); ties go to the
-    earlier candidate in the list."""
-    scored = [name for name in candidates if name in evaluations]
-    if not scored:
-        raise EvaluationError(
-            f"none of the candidate models {candidates} was evaluated "
-            f"(evaluated: {sorted(evaluations)})"
-        )
-    for name in scored:
-        if "value" not in evaluations[name].get("selection", {}):
-            raise EvaluationError(f"{name}: no selection score")
-    # Equal scores computed in another order can differ in their last bits: rounded, they tie
-    # (on 10 validation songs, ties are common), and the earlier candidate wins.
-    return max(
-        scored,
-        key=lambda name: (
-            round(float(evaluations[name]["selection"]["value"]), SCORE_DIGITS),
-            -scored.index(name),
-        ),
-    )
-
-
-def evaluate_family(record: dict[str, Any], data: TestData) -> FamilyEvaluation:
-    """Load a family's logged best model and score it on the test rows of its level."""
-    from gtzan_mlops.models.zoo import load_classifier
-
-    classifier = load_classifier(record["model_uri"], record["flavor"])
-    feature_set = record_feature_set(record)
-    return score_classifier(
-        classifier,
-        record["level"],
-        list(record["classes"]),
-        feature_sets.columns(feature_set, int(record["feature_settings"]["n_mfcc"])),
-        data.rows(record["level"], feature_set),
-        family=record_model(record),
-    )
+from gtzan_mlops.settings.schema import Selection, Settings, Uncertainty
 
 
 def write_plots(
@@ -144,175 +74,42 @@ def write_plots(
     )
 
 
-def models_table(results: dict[str, dict[str, Any]], winner: str) -> pd.DataFrame:
-    """One row per evaluated model: what it is, the selection score that chose (with its
-    interval) and the test scores that report (with theirs), the per-song ones first."""
-    rows = []
-    for name, entry in results.items():
-        selection = entry["selection"]
-        row: dict[str, Any] = {
-            "model": name,
-            **{key: entry[key] for key in ("family", "feature_set", "split", "level")},
-            "candidate": entry["candidate"],
-            "winner": name == winner,
-            "selection": f"{selection['source']} {selection['metric']}",
-            "selection_value": selection["value"],
-            "selection_low": selection["low"],
-            "selection_high": selection["high"],
-        }
-        for metric in REPORTED:
-            interval = entry["test_intervals"][metric]
-            row.update({metric: entry[metric], f"{metric}_low": interval["low"]})
-            row[f"{metric}_high"] = interval["high"]
-        row["test_songs"] = entry["test_songs"]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def models_markdown(table: pd.DataFrame, summary: dict[str, Any]) -> str:
-    """The models table for people: the number that chose beside the numbers that report."""
-    level = f"{summary['uncertainty_level']:.0%}"
-    lines = [
-        f"# Models on the {summary['split']} split",
-        "",
-        f"The winner among the candidates is chosen by **{summary['selection']}** (never a test "
-        "score); the test scores only report. Brackets: "
-        f"{level} intervals, a bootstrap over the split's units (songs, duplicate groups, "
-        "artists).",
-        "",
-    ]
-
-    def interval(value: float, low: float, high: float) -> str:
-        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
-
-    header = ["model", "candidate", f"selection: {summary['selection']}"]
-    header += [f"{name} ({level})" for name in REPORTED] + ["test songs"]
-    rows = [
-        [
-            f"**{row['model']}** (winner)" if row["winner"] else row["model"],
-            "yes" if row["candidate"] else "no",
-            interval(row["selection_value"], row["selection_low"], row["selection_high"]),
-            *(interval(row[n], row[f"{n}_low"], row[f"{n}_high"]) for n in REPORTED),
-            row["test_songs"],
-        ]
-        for row in table.to_dict("records")
-    ]
-    return "\n".join(lines + markdown.table(header, rows, "llrrrrr")) + "\n"
+def write_evaluation(evaluated: ModelEvaluation, classes: list[str], output_dir: Path) -> None:
+    """The stage's reports: the winner's plots, the models table (CSV and Markdown) and the
+    summary, evaluation.json (what promote reads)."""
+    summary = evaluated.summary
+    write_plots(evaluated.winner, output_dir, classes, summary["split"])
+    evaluated.table.to_csv(output_dir / MODELS_FILE, index=False)
+    markdown = models_markdown(evaluated.table, summary)
+    (output_dir / MODELS_REPORT).write_text(markdown, encoding="utf-8")
+    (output_dir / EVALUATION_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def evaluate_records(
     records: dict[str, dict[str, Any] | None],
     data: TestData,
     candidates: list[str],
-    rule: SelectionSettings,
-    bootstrap: BootstrapSettings,
+    selection: Selection,
+    uncertainty: Uncertainty,
     classes: list[str],
     output_dir: Path,
 ) -> dict[str, Any]:
-    """Score each model's record on the test set, choose the winner by its selection score,
-    write the tables and plots.
+    """Score each model's record on the test set, choose the winner by its selection score
+    (model_evaluation.evaluate_models), write the tables and plots; returns the summary."""
+    from gtzan_mlops.models.zoo import load_classifier
 
-    `records` maps model (`<family>-<feature set>`; the summary's "families" are these) ->
-    training record (None: the model has no record). A record that belongs to other features
-    or another split is skipped with its reason, not scored.
-    """
-    label = split_label(data.summary)
-    results: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
-    details: dict[str, FamilyEvaluation] = {}
-    for name, record in records.items():
-        reason = "no training record" if record is None else stale_reason(record, data)
-        if reason or record is None:
-            skipped[name] = reason or "no training record"
-            log.warning("skipping %s: %s", name, skipped[name])
-            continue
-        selection = selection_of(record, rule)
-        evaluation = evaluate_family(record, data)
-        details[name] = evaluation
-        results[name] = {
-            "family": record["family"],
-            "feature_set": record_feature_set(record),
-            "split": label,
-            "level": record["level"],
-            "candidate": name in candidates,
-            "run_id": record.get("run_id"),
-            "selection": selection,
-            **evaluation.metrics,
-            "test_intervals": score_intervals(evaluation, data.units, bootstrap),
-        }
-        log.info("%s (%s split): %s", name, label, evaluation.metrics)
-
-    winner = choose_winner(results, candidates)
-    write_plots(details[winner], output_dir, classes, label)
-    table = models_table(results, winner)
-    table.to_csv(output_dir / MODELS_FILE, index=False)
-    summary = {
-        "split": label,
-        "split_strategy": data.summary.get("strategy"),
-        "leaky": bool(data.summary.get("leaky", False)),
-        "subset": TEST_SUBSET,
-        "selection": rule.describe(),
-        "selection_source": rule.source,
-        "selection_metric": rule.metric,
-        "uncertainty_level": bootstrap.level,
-        "winner": winner,
-        "winner_selection": results[winner]["selection"],
-        "winner_test": {metric: results[winner]["test_intervals"][metric] for metric in REPORTED},
-        "families": results,
-        "skipped": skipped,
-    }
-    (output_dir / MODELS_REPORT).write_text(models_markdown(table, summary), encoding="utf-8")
-    (output_dir / EVALUATION_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    evaluated = evaluate_models(records, data, candidates, selection, uncertainty, load_classifier)
+    write_evaluation(evaluated, classes, output_dir)
+    return evaluated.summary
 
 
-def _bounds(interval: dict[str, Any]) -> dict[str, float]:
-    return {key: interval[key] for key in ("value", "low", "high")}
-
-
-def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics of the stage, few enough for `dvc exp show` to stay readable: split, how
-    the winner was chosen, its selection score and its test song macro F1 with their intervals,
-    and each model's selection and test song macro F1 (the rest is in evaluation.json)."""
-    return {
-        "split": summary["split"],
-        "leaky": summary["leaky"],
-        "selection": summary["selection"],
-        "winner": summary["winner"],
-        "winner_selection": _bounds(summary["winner_selection"]),
-        "winner_test_song_macro_f1": _bounds(summary["winner_test"]["test_song_macro_f1"]),
-        "models": {
-            name: {
-                "selection": scores["selection"]["value"],
-                "test_song_macro_f1": scores["test_song_macro_f1"],
-            }
-            for name, scores in summary["families"].items()
-        },
-    }
-
-
-def trained_models(params: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The models (`<family>-<feature set>`) the pipeline trains, and those that can win, in
-    order of preference on a tie: every family of `evaluate.families` (default
-    `train.families`) on each of `train.feature_sets`, and the `evaluate.candidates` also on
-    each of `train.candidate_feature_sets`."""
-    stage, train = params["evaluate"], params["train"]
-    candidates = list(stage["candidates"])
-    families = list(stage["families"] or train["families"])
-    sets = list(train["feature_sets"])
-    candidate_sets = list(dict.fromkeys([*sets, *train["candidate_feature_sets"]]))
-    winners = [feature_sets.model_key(f, s) for f in candidates for s in candidate_sets]
-    models = [feature_sets.model_key(f, s) for f in families for s in sets]
-    return list(dict.fromkeys([*models, *winners])), winners
-
-
-def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
+def run(settings: Settings, root: Path) -> dict[str, Any]:
     """Evaluate every trained model on the test set, pick the winner, write the metrics."""
     from gtzan_mlops import tracking
 
-    paths = params["paths"]
-    models, candidates = trained_models(params)
-    records_dir = resolve_path(paths["train_records"], root)
+    paths = settings.paths
+    models, candidates = trained_models(settings.evaluate, settings.train)
+    records_dir = resolve_path(paths.train_records, root)
     records = {
         model: load_family_record(records_dir / f"{model}.json")
         if (records_dir / f"{model}.json").is_file()
@@ -320,21 +117,21 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         for model in models
     }
     tracking.use_store(root)
-    output_dir = resolve_path(paths["evaluate_reports"], root)
+    output_dir = resolve_path(paths.evaluate_reports, root)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = evaluate_records(
         records,
-        load_test_data(params, root),
+        load_test_data(paths, root),
         candidates,
-        SelectionSettings.from_params(params),
-        BootstrapSettings.from_params(params),
-        list(params["genres"]),
+        settings.selection,
+        settings.uncertainty,
+        list(settings.genres),
         output_dir,
     )
-    metrics_path = resolve_path(paths["metrics"], root) / "evaluate.json"
+    metrics_path = resolve_path(paths.metrics, root) / "evaluate.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(key_metrics(summary), indent=2) + "\n")
-    log_evaluation(summary, output_dir, tracking.experiment_name(params), root)
+    log_evaluation(summary, output_dir, settings.mlflow.experiment_name, root)
     return summary
 
 
@@ -367,22 +164,6 @@ def log_evaluation(summary: dict[str, Any], output_dir: Path, experiment: str, r
             "winner": summary["winner"],
         },
     )
-
-
-def evaluation_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """`<model>.selection_<metric>` and every `<model>.test_<metric>`, the reported ones with
-    `_low` and `_high` beside them."""
-    metrics: dict[str, float] = {}
-    for name, scores in summary["families"].items():
-        selection = scores["selection"]
-        metrics[f"{name}.selection_{selection['metric']}"] = float(selection["value"])
-        for metric, value in scores.items():
-            if metric.startswith(f"{TEST_SUBSET}_") and isinstance(value, int | float):
-                metrics[f"{name}.{metric}"] = float(value)
-        for metric, interval in scores["test_intervals"].items():
-            metrics[f"{name}.{metric}_low"] = float(interval["low"])
-            metrics[f"{name}.{metric}_high"] = float(interval["high"])
-    return metrics
 
 
 def describe(summary: dict[str, Any]) -> str:

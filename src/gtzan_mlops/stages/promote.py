@@ -1,14 +1,14 @@
 """The `promote` stage: register the evaluated winner and move the `champion` alias if it earns it.
 
 The winner of the evaluate stage (`reports/evaluate/evaluation.json`, chosen without the test
-set) is logged as the serving model (classifier.py: a pyfunc that takes raw audio) and registered
-as a new version of `promote.model_name`. Then both it and the current champion are played the
-audio files of the current test clips, exactly as `mlflow models serve` would be, and the rule
-of promotion.py decides: the challenger must pass the behavioural gate (its genre unchanged on
-quieter, later, resampled and MP3 copies of the test clips), the champion must not have trained
-on those clips, and the challenger must beat it on them by the paired song-level difference.
-Because both are scored on audio, a champion trained on other data, split or features is
-compared on the same clips as the challenger: no feature table needs to match.
+set) is logged as the serving model (the serving package: a pyfunc that takes raw audio) and
+registered as a new version of `promote.model_name`. Then both it and the current champion are
+played the audio files of the current test clips, exactly as `mlflow models serve` would be, and
+the rule of promotion/rule.py decides: the challenger must pass the behavioural gate (its genre
+unchanged on quieter, later, resampled and MP3 copies of the test clips), the champion must not
+have trained on those clips, and the challenger must beat it on them by the paired song-level
+difference. Because both are scored on audio, a champion trained on other data, split or
+features is compared on the same clips as the challenger: no feature table needs to match.
 
 Every version is tagged with what it is and what it was trained on: data source, number and
 digest of its training clips (the list itself, by the sha256 of their decoded samples, is the
@@ -20,18 +20,11 @@ intervals, the behavioural fractions and the decision. The decision and its evid
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import logging
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gtzan_mlops.cli import stage_main
-from gtzan_mlops.data.splits import feature_dir, split_label
 from gtzan_mlops.evaluation.records import (
     EVALUATION_FILE,
     load_family_record,
@@ -40,423 +33,30 @@ from gtzan_mlops.evaluation.records import (
     stale_reason,
 )
 from gtzan_mlops.evaluation.scoring import EvaluationError
-from gtzan_mlops.evaluation.test_data import TestData, load_test_data
-from gtzan_mlops.evaluation.uncertainty import (
-    BootstrapSettings,
-    Interval,
-)
+from gtzan_mlops.evaluation.test_data import load_test_data
 from gtzan_mlops.features import feature_sets
-from gtzan_mlops.features.handcrafted import FeatureSettings
-from gtzan_mlops.promotion.behaviour import BehaviourSettings, require_tools
-from gtzan_mlops.promotion.champion import (
-    TRAINING_CLIPS_FILE,
-    current_champion,
-    load_champion,
+from gtzan_mlops.promotion.challenger import serving_feature_settings
+from gtzan_mlops.promotion.registry import (
+    PromotionSettings,
+    RunContext,
+    data_source,
+    key_metrics,
+    promote_winner,
 )
-from gtzan_mlops.promotion.rule import (
-    BehaviourResult,
-    Comparison,
-    Decision,
-    decide_promotion,
-    leaked_clips,
-)
-from gtzan_mlops.promotion.served_evaluation import (
-    CLIPS_COLUMNS,
-    ServedModel,
-    SplitClips,
-    check_behaviour,
-    compare,
-    load_split_clips,
-    served_scores,
-)
-from gtzan_mlops.serving.classifier import ServingLimits
+from gtzan_mlops.promotion.served_evaluation import load_split_clips
 from gtzan_mlops.settings.loading import resolve_path
-from gtzan_mlops.tracking import CHAMPION_ALIAS, champion_uri, compute_closure
-
-log = logging.getLogger(__name__)
-
-# What the served model runs besides its classifier (its entry file and all it imports): a
-# change here is a new serving model.
-SERVING_MODULES = compute_closure("serving.model_entry")
+from gtzan_mlops.settings.schema import Settings
 
 
-@dataclass(frozen=True)
-class PromotionSettings:
-    """The `promote`, `uncertainty` and `serving` sections of params.yaml."""
-
-    model_name: str
-    metric: str  # song_accuracy or song_macro_f1
-    min_improvement: float
-    require_significant: bool
-    unloadable_champion: str  # stop or absent
-    experiment_name: str | None  # None: the experiment of the winner's training run
-    behaviour: BehaviourSettings
-    bootstrap: BootstrapSettings
-    limits: ServingLimits
-    musicnn_weights: Path | None = None  # the checkpoint logged with a model on musicnn features
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> PromotionSettings:
-        stage = params["promote"]
-        return cls(
-            model_name=str(stage["model_name"]),
-            metric=str(stage["metric"]),
-            min_improvement=float(stage["min_improvement"]),
-            require_significant=bool(stage["require_significant"]),
-            unloadable_champion=str(stage["unloadable_champion"]),
-            experiment_name=stage["experiment_name"],
-            behaviour=BehaviourSettings.from_params(params),
-            bootstrap=BootstrapSettings.from_params(params),
-            limits=ServingLimits.from_params(params),
-        )
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Where the winner comes from, for its version's tags."""
-
-    data_source: str  # e.g. "local (../shared/data/gtzan_mini)"
-    git_commit: str | None = None
-
-
-def data_source(params: dict[str, Any]) -> str:
-    """The audio the models learnt from, in words (params `data`)."""
-    data = params["data"]
-    source = str(data["source"])
-    if source == "demo":
-        return "demo (synthetic clips generated by the project)"
-    if source == "local":
-        return f"local ({data['local_dir']})"
-    folder, archive = data["gtzan"]["folder"], data["gtzan"]["archive"]
-    return f"gtzan ({folder or archive or 'downloaded'})"
-
-
-def serving_settings(
-    params: dict[str, Any], record: dict[str, Any], features_dir: Path, musicnn_sha256: str | None
-) -> FeatureSettings:
-    """The feature settings stored with the served model: those the feature tables were made
-    with (their settings record, which must be what params ask for, with the musicnn checkpoint
-    the model will carry), and what the winner was trained on (its record), or serving would
-    compute other features."""
-    try:
-        settings = feature_sets.made_with(
-            features_dir, FeatureSettings.from_params(params), musicnn_sha256
-        )
-    except feature_sets.FeatureSetError as error:
-        raise EvaluationError(str(error)) from None
-    current = settings.to_dict()
-    trained = record.get("feature_settings", {})
-    differing = {
-        key: (value, current[key])
-        for key, value in trained.items()
-        if key in current and current[key] != value
-    }
-    if differing:
-        raise EvaluationError(
-            f"{record['family']}: trained with feature settings that differ from params.yaml "
-            f"(trained, now): {differing}; rerun the pipeline"
-        )
-    return settings
-
-
-def serving_fingerprint(spec: Any, classifier_uri: str, settings: PromotionSettings) -> str:
-    """What a served model is made of: its classifier, spec, serving settings and code."""
-    from gtzan_mlops.tracking import source_digest
-
-    payload = {
-        "classifier_uri": classifier_uri,
-        "spec": spec.to_dict(),
-        "limits": settings.limits.to_config(),
-        "code": source_digest(*SERVING_MODULES),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def version_tags(
-    record: dict[str, Any],
-    data: TestData,
-    clips: SplitClips,
-    served: dict[str, Interval],
-    behaviour: BehaviourResult | None,
-    settings: PromotionSettings,
-    context: RunContext,
-) -> dict[str, str]:
-    """What a registered version says about itself (all strings: registry tags)."""
-    level, feature_set = record["level"], record_feature_set(record)
-    selection = record["selection"]
-    tags = {
-        "model": record_model(record),
-        "family": record["family"],
-        "feature_set": feature_set,
-        "flavor": record["flavor"],
-        "level": level,
-        "data_source": context.data_source,
-        "data_clips": str(len(clips.test) + len(clips.training)),  # in the split
-        "training_clips": str(len(clips.training)),
-        "training_clips_sha256": clips.training_digest,
-        "split": split_label(data.summary),
-        "split_strategy": str(data.summary.get("strategy")),
-        "leaky": str(bool(data.summary.get("leaky", False))).lower(),
-        "split_sha256": data.split_sha256,
-        "features_sha256": data.features_sha256(level, feature_set),
-        "selection": f"{selection['source']} {selection['metric']} ({selection['subset']})",
-        "selection_value": _interval_text(selection),
-        "git_commit": context.git_commit or "unknown",
-        "classifier_uri": record["model_uri"],
-        "training_run_id": str(record.get("run_id")),
-        "test_clips": str(len(clips.test)),
-    }
-    for name, interval in served.items():
-        tags[name] = interval.describe(4)
-    if served:
-        chosen = served[f"test_{settings.metric}"]
-        tags.update(
-            metric_name=f"test_{settings.metric}",
-            metric_value=f"{chosen.value:.6f}",
-            metric_low=f"{chosen.low:.6f}",
-            metric_high=f"{chosen.high:.6f}",
-            metric_level=f"{chosen.level:g}",
-        )
-    if behaviour is not None:
-        tags["behaviour_min_unchanged"] = f"{behaviour.min_unchanged:g}"
-        for name, fraction in behaviour.unchanged.items():
-            tags[f"behaviour.{name}"] = f"{fraction:.4f}"
-    return tags
-
-
-def _interval_text(entry: dict[str, Any]) -> str:
-    return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}] ({entry['level']:g})"
-
-
-def log_challenger(spec: Any, record: dict[str, Any], clips: SplitClips, settings) -> Any:
-    """Log the serving model of `spec` and its training clips into the active run."""
-    import mlflow
-
-    from gtzan_mlops.serving import classifier
-
-    info = classifier.log_serving_model(
-        spec, record["model_uri"], settings.limits, musicnn_weights=settings.musicnn_weights
-    )
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / TRAINING_CLIPS_FILE
-        clips.training[list(CLIPS_COLUMNS)].to_csv(path, index=False)
-        mlflow.log_artifact(str(path))
-    return info
-
-
-def judge(
-    challenger: ServedModel,
-    held_by: Any,
-    record: dict[str, Any],
-    clips: SplitClips,
-    settings: PromotionSettings,
-    load_model: Callable[[str], Any],
-) -> dict[str, Any]:
-    """Score the challenger (and the champion) on the test clips as served, run the gate, and
-    decide; returns the evidence and the Decision under "decision"."""
-    if not clips.test:
-        reason = (
-            "the split holds no clip wholly in its test set (a leaky segment split), so served "
-            "models cannot be compared or checked on whole clips; registered, not promoted"
-        )
-        return {"decision": Decision(False, reason, "no_test_clips"), "served": {}}
-    ours = challenger.genres(clips.test)
-    served = served_scores(clips, ours, settings.bootstrap)
-    behaviour = check_behaviour(challenger, clips, ours, settings.behaviour)
-    champion, absent_reason = load_champion(
-        held_by, settings.model_name, settings.unloadable_champion, load_model
-    )
-    comparison = leaked = None
-    if champion is not None:
-        version = str(champion.version.version)
-        theirs = champion.served.genres(clips.test)
-        comparison = compare(clips, ours, theirs, version, settings.metric, settings.bootstrap)
-        leaked = leaked_clips(
-            champion.training_clips, {clip.track_id: clip.samples_sha256 for clip in clips.test}
-        )
-    decision = decide_promotion(
-        behaviour,
-        comparison,
-        settings.min_improvement,
-        settings.require_significant,
-        leaked=leaked or (),
-        same_classifier=champion is not None
-        and champion.version.tags.get("classifier_uri") == record["model_uri"],
-        **({"no_champion_reason": absent_reason} if absent_reason else {}),
-    )
-    if champion is not None and leaked is None:
-        decision = dataclasses.replace(
-            decision,
-            reason=f"{decision.reason} (champion version {champion.version.version} recorded "
-            "no training clips: leakage could not be checked)",
-        )
-    return {
-        "decision": decision,
-        "served": served,
-        "behaviour": behaviour,
-        "comparison": comparison,
-        "leaked": leaked,
-    }
-
-
-def promote_winner(
-    evaluation: dict[str, Any],
-    record: dict[str, Any],
-    data: TestData,
-    clips: SplitClips,
-    feature_settings: FeatureSettings,
-    settings: PromotionSettings,
-    context: RunContext,
-    load_model: Callable[[str], Any] | None = None,
-) -> dict[str, Any]:
-    """Register the evaluated winner (its training `record`) as a new serving-model version,
-    judge it against the champion on the test clips as served, and move the alias if the rule
-    says so; returns the promotion summary. Uses the active MLflow tracking store and registry.
-    `load_model` loads a served model by URI (mlflow.pyfunc.load_model)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from gtzan_mlops import tracking
-    from gtzan_mlops.serving import classifier
-
-    load_model = load_model or mlflow.pyfunc.load_model
-    name, winner = settings.model_name, evaluation["winner"]
-    if record_model(record) != winner:
-        raise EvaluationError(f"the record is of {record_model(record)}, the winner is {winner}")
-    summary: dict[str, Any] = {
-        "model_name": name,
-        "split": split_label(data.summary),
-        "leaky": bool(data.summary.get("leaky", False)),
-        "model": winner,
-        "family": record["family"],
-        "feature_set": record_feature_set(record),
-        "selection": record["selection"],
-        "metric": f"test_{settings.metric}",
-        "test_clips": len(clips.test),
-        "training_clips": len(clips.training),
-        "model_uri": champion_uri(name),
-    }
-    spec = classifier.ServingSpec(
-        family=record["family"],
-        flavor=record["flavor"],
-        level=record["level"],
-        classes=tuple(record["classes"]),
-        feature_settings=feature_settings.to_dict(),
-        feature_set=record_feature_set(record),
-    )
-    fingerprint = serving_fingerprint(spec, record["model_uri"], settings)
-    client = MlflowClient()
-    held_by = current_champion(client, name)
-    if held_by is not None and held_by.tags.get("serving_fingerprint") == fingerprint:
-        # A rerun with the same winner, serving code and settings: nothing new to register.
-        # The summary is the standing decision of that version, so a rerun changes no metric.
-        tags = held_by.tags
-        return {
-            **summary,
-            "version": int(held_by.version),
-            "registered": False,
-            "promoted": tags.get("promotion") == "promoted",
-            "rule": tags.get("promotion_rule", "unknown"),
-            "reason": f"the winner is already the champion (version {held_by.version}, "
-            f"registered with: {tags.get('promotion_reason', 'no reason recorded')})",
-            "served": recorded_scores(tags),
-            "champion_version": int(held_by.version),
-        }
-    require_tools(settings.behaviour)
-
-    launched = tracking.launched_run_id()  # `mlflow run . -e promote`: log into its run
-    if launched:
-        experiment_id = None
-    elif settings.experiment_name:
-        experiment_id = tracking.ensure_experiment(settings.experiment_name)
-    else:
-        experiment_id = record.get("experiment_id")
-    with mlflow.start_run(
-        run_id=launched,
-        experiment_id=experiment_id,
-        run_name=f"serving-{winner}",
-        tags={"gtzan.stage": "promote"},
-    ):
-        info = log_challenger(spec, record, clips, settings)
-        challenger = ServedModel(load_model(info.model_uri), "challenger")
-        judged = judge(challenger, held_by, record, clips, settings, load_model)
-        decision: Decision = judged["decision"]
-        tags = {
-            **version_tags(
-                record, data, clips, judged["served"], judged.get("behaviour"), settings, context
-            ),
-            "serving_fingerprint": fingerprint,
-            "promotion": "promoted" if decision.promote else "not promoted",
-            "promotion_rule": decision.rule,
-            "promotion_reason": decision.reason[:4000],
-        }
-        mlflow.set_tags(tags)
-        mlflow.log_metrics(run_metrics(judged))
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=decision.reason)
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-    comparison: Comparison | None = judged.get("comparison")
-    behaviour: BehaviourResult | None = judged.get("behaviour")
-    previous = int(held_by.version) if held_by is not None else None
-    return {
-        **summary,
-        "version": int(version.version),
-        "registered": True,
-        "promoted": decision.promote,
-        "rule": decision.rule,
-        "reason": decision.reason,
-        "served": {key: interval.to_dict() for key, interval in judged["served"].items()},
-        "comparison": comparison.to_dict() if comparison else None,
-        "leaked_test_clips": judged.get("leaked"),
-        "behaviour": behaviour.to_dict() if behaviour else None,
-        "min_improvement": settings.min_improvement,
-        "require_significant": settings.require_significant,
-        "previous_champion_version": previous,
-        "champion_version": int(version.version) if decision.promote else previous,
-    }
-
-
-def recorded_scores(tags: dict[str, str]) -> dict[str, dict[str, float]]:
-    """The served test score a version's tags recorded when it was registered."""
-    if "metric_name" not in tags:
-        return {}
-    return {
-        tags["metric_name"]: {
-            key: float(tags[f"metric_{key}"]) for key in ("value", "low", "high", "level")
-        }
-    }
-
-
-def run_metrics(judged: dict[str, Any]) -> dict[str, float]:
-    """The serving run's MLflow metrics: served test scores with their interval, behaviour,
-    and the comparison with the champion."""
-    metrics: dict[str, float] = {}
-    for name, interval in judged["served"].items():
-        metrics.update({name: interval.value, f"{name}_low": interval.low})
-        metrics[f"{name}_high"] = interval.high
-    behaviour: BehaviourResult | None = judged.get("behaviour")
-    if behaviour is not None:
-        metrics.update({f"unchanged.{n}": f for n, f in behaviour.unchanged.items()})
-    comparison: Comparison | None = judged.get("comparison")
-    if comparison is not None:
-        metrics["champion_value"] = comparison.champion.value
-        metrics["difference"] = comparison.difference.value
-        metrics["difference_low"] = comparison.difference.low
-        metrics["difference_high"] = comparison.difference.high
-    return metrics
-
-
-def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
+def run(settings: Settings, root: Path) -> dict[str, Any]:
     """The stage: promote the evaluated winner, write the decision and its key metrics."""
     from gtzan_mlops import tracking
 
-    settings = PromotionSettings.from_params(params)
-    paths = params["paths"]
-    evaluate_path = resolve_path(paths["evaluate_reports"], root) / EVALUATION_FILE
-    records_dir = resolve_path(paths["train_records"], root)
-    output = resolve_path(paths["promote_reports"], root) / "promotion.json"
-    metrics_path = resolve_path(paths["metrics"], root) / "promotion.json"
+    paths = settings.paths
+    evaluate_path = resolve_path(paths.evaluate_reports, root) / EVALUATION_FILE
+    records_dir = resolve_path(paths.train_records, root)
+    output = resolve_path(paths.promote_reports, root) / "promotion.json"
+    metrics_path = resolve_path(paths.metrics, root) / "promotion.json"
     try:
         evaluation = json.loads(evaluate_path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
@@ -467,22 +67,26 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
             f"{records_dir / evaluation['winner']}.json has no selection score (trained by an "
             "older version of the train stage); rerun the pipeline"
         )
-    musicnn_sha256 = None
+    weights = musicnn_sha256 = None
     if feature_sets.uses_musicnn(record_feature_set(record)):
         from gtzan_mlops.features.musicnn import weights_digest
 
-        extraction = feature_sets.ExtractionSettings.from_params(params, root)
-        settings = dataclasses.replace(settings, musicnn_weights=extraction.musicnn_weights)
-        musicnn_sha256 = weights_digest(extraction.musicnn_weights)
-    feature_settings = serving_settings(params, record, feature_dir(params, root), musicnn_sha256)
-    data = load_test_data(params, root)
+        weights = feature_sets.ExtractionSettings.of(settings, root).musicnn_weights
+        musicnn_sha256 = weights_digest(weights)
+    feature_settings = serving_feature_settings(
+        settings.features,
+        record,
+        resolve_path(paths.features, root),
+        musicnn_sha256,
+    )
+    data = load_test_data(paths, root)
     stale = stale_reason(record, data)
     if stale:
         # Its tags would name the current data while its scores came from other data.
         raise EvaluationError(
             f"{record_model(record)}: {stale} than the current one; rerun train and evaluate"
         )
-    clips = load_split_clips(params, root)
+    clips = load_split_clips(paths, root)
     tracking.use_store(root)
     summary = promote_winner(
         evaluation,
@@ -490,34 +94,13 @@ def run(params: dict[str, Any], root: Path) -> dict[str, Any]:
         data,
         clips,
         feature_settings,
-        settings,
-        RunContext(data_source(params), tracking.git_commit(root)),
+        PromotionSettings.of(settings, weights),
+        RunContext(data_source(settings.data), tracking.git_commit(root)),
     )
     for path, content in ((output, summary), (metrics_path, key_metrics(summary))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content, indent=2) + "\n")
     return summary
-
-
-def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics of the stage: what was decided, for which version, on which split, and
-    the version's served test score with its interval. The same keys whatever the decision (a
-    rerun that registers nothing keeps them), so `dvc exp show` compares like with like; the
-    comparison and the behaviour are in reports/promote/promotion.json."""
-    served = summary["served"].get(summary["metric"], {})
-    return {
-        "split": summary["split"],
-        "model": summary["model"],
-        "version": summary["version"],
-        "promoted": summary["promoted"],
-        "rule": summary["rule"],
-        "champion_version": summary["champion_version"],
-        # To the tags' precision, so a rerun that reads them back reports the same numbers.
-        summary["metric"]: {
-            key: None if served.get(key) is None else round(served[key], 6)
-            for key in ("value", "low", "high")
-        },
-    }
 
 
 def describe(summary: dict[str, Any]) -> str:

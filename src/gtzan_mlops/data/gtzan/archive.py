@@ -1,5 +1,5 @@
-"""The GTZAN archive: resumable, retried download from the mirrors, md5 check, and extraction
-that refuses members writing outside the target folder, links and devices."""
+"""GTZAN's archive, genres.tar.gz: resumable, retried download from the mirrors, md5 check, and
+extraction that refuses members writing outside the target folder, links and devices."""
 
 from __future__ import annotations
 
@@ -7,19 +7,16 @@ import logging
 import tarfile
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import requests
 import urllib3
 from tqdm import tqdm
 
 from gtzan_mlops.console import progress_off
-from gtzan_mlops.data.audio import (
-    AUDIO_EXTENSIONS,
-)
-from gtzan_mlops.settings.loading import ConfigError, number_setting, resolve_path, section
+from gtzan_mlops.data.audio import AUDIO_EXTENSIONS
+from gtzan_mlops.settings.loading import ConfigError, resolve_path
+from gtzan_mlops.settings.schema import GtzanSource
 from gtzan_mlops.tracking import file_digest
 
 log = logging.getLogger(__name__)
@@ -250,66 +247,32 @@ def download_file(
     return target
 
 
-@dataclass(frozen=True)
-class GtzanSettings:
-    """The `data.gtzan` section, paths resolved against the repository root."""
-
-    folder: Path | None
-    archive: Path | None
-    md5: str
-    mirrors: tuple[str, ...]
-    download_dir: Path
-    retries: int
-    timeout_s: float
-    retry_backoff_s: float
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], root: Path) -> GtzanSettings:
-        gtzan = section(params, "data.gtzan")
-        folder, archive, mirrors, md5 = (
-            gtzan[key] for key in ("folder", "archive", "mirrors", "md5")
-        )
-        if len(md5) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5):
-            raise ConfigError(f"params.yaml: data.gtzan.md5 must be 32 hex digits, got {md5!r}")
-        if not isinstance(mirrors, list) or not all(isinstance(url, str) for url in mirrors):
-            raise ConfigError("params.yaml: data.gtzan.mirrors must be a list of URLs")
-        return cls(
-            folder=resolve_path(folder, root) if folder else None,
-            archive=resolve_path(archive, root) if archive else None,
-            md5=md5.lower(),
-            mirrors=tuple(mirrors),
-            download_dir=resolve_path(gtzan["download_dir"], root),
-            retries=number_setting(gtzan, "retries", "data.gtzan", int, minimum=0),
-            timeout_s=number_setting(gtzan, "timeout_s", "data.gtzan", float, minimum=0.001),
-            retry_backoff_s=number_setting(gtzan, "retry_backoff_s", "data.gtzan", float, 0),
-        )
-
-
-def download_archive(settings: GtzanSettings, show_progress: bool = True) -> Path:
-    """`genres.tar.gz` in the download folder: the cached copy if its md5 matches, else
+def download_archive(gtzan: GtzanSource, root: Path, show_progress: bool) -> Path:
+    """`genres.tar.gz` in `data.gtzan.download_dir`: the cached copy if its md5 matches, else
     downloaded from the first mirror that delivers it intact."""
-    target = settings.download_dir / ARCHIVE_NAME
+    download_dir = resolve_path(gtzan.download_dir, root)
+    target = download_dir / ARCHIVE_NAME
     if target.is_file():
         try:
-            verify_md5(target, settings.md5)
+            verify_md5(target, gtzan.md5)
             log.info("using the downloaded archive %s (md5 verified)", target)
             return target
         except ChecksumError as error:
             log.warning("%s; downloading it again", error)
             target.unlink()
-    if not settings.mirrors:
+    if not gtzan.mirrors:
         raise ConfigError("params.yaml: data.gtzan.mirrors is empty: nowhere to download from")
-    settings.download_dir.mkdir(parents=True, exist_ok=True)
+    download_dir.mkdir(parents=True, exist_ok=True)
     failures = []
-    for url in settings.mirrors:
+    for url in gtzan.mirrors:
         try:
             return download_file(
                 url,
                 target,
-                settings.md5,
-                settings.retries,
-                settings.timeout_s,
-                settings.retry_backoff_s,
+                gtzan.md5,
+                gtzan.retries,
+                gtzan.timeout_s,
+                gtzan.retry_backoff_s,
                 show_progress,
             )
         except FetchError as error:
