@@ -85,11 +85,6 @@ def launched_run_id() -> str | None:
     return None if os.environ.get("DVC_STAGE") else launched
 
 
-def experiment_name(params: dict[str, Any]) -> str:
-    """The experiment of the pipeline's stage runs (params `mlflow.experiment_name`)."""
-    return str(params["mlflow"]["experiment_name"])
-
-
 def ensure_experiment(name: str) -> str:
     """The id of experiment `name` in the active store, created (see `artifact_location`) if
     needed."""

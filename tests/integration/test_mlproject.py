@@ -90,10 +90,10 @@ def test_mlflow_run_trains_a_family_into_the_project_store(tmp_path, repo_root):
     (project / "data/features").mkdir(parents=True)
     clips.to_csv(project / "data/features/features_30_sec.csv", index=False)
     segments.to_csv(project / "data/features/features_3_sec.csv", index=False)
-    params = load_settings(project / "params.yaml")
-    write_settings(project / "data/features", params.features)
-    params["split"]["group_duplicates"] = False  # synthetic tables: no audio to fingerprint
-    split.run(params, project)
+    # synthetic tables: no audio to fingerprint, so no duplicate groups to keep together
+    settings = load_settings(project / "params.yaml", ["split.group_duplicates=false"])
+    write_settings(project / "data/features", settings.features)
+    split.run(settings, project)
 
     store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     command = [

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,30 +102,3 @@ def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str,
             raise ConfigError(f"{PARAMS_FILE}: no setting '{key}' to override")
         node[last] = yaml.safe_load(text)
     return params
-
-
-def number_setting(
-    mapping: dict[str, Any],
-    key: str,
-    where: str,
-    kind: Callable[[Any], Any],
-    minimum: float | None = None,
-) -> Any:
-    """mapping[key] as `kind` (int or float), with an error naming `where.key`."""
-    if key not in mapping:
-        raise ConfigError(f"params.yaml: missing setting '{where}.{key}'")
-    value = mapping[key]
-    try:
-        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
-            raise ValueError
-        number = kind(value)
-        if not math.isfinite(number):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(
-            f"params.yaml: {where}.{key} must be {'an integer' if kind is int else 'a number'}, "
-            f"got {value!r}"
-        ) from None
-    if minimum is not None and number < minimum:
-        raise ConfigError(f"params.yaml: {where}.{key} must be at least {minimum}, got {value!r}")
-    return number

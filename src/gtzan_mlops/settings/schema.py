@@ -63,22 +63,6 @@ Metric = Literal["accuracy", "macro_f1", "song_accuracy", "song_macro_f1"]
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # TRANSITIONAL (issue 23): read access by key while the modules move to attributes; removed
-    # when no module reads settings by key any more.
-    def __getitem__(self, key: str) -> Any:
-        if key not in type(self).model_fields:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self.model_fields_set
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self else default
-
-    def keys(self) -> list[str]:
-        return [key for key in type(self).model_fields if key in self.model_fields_set]
-
 
 # --- data -----------------------------------------------------------------------------------
 
