@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from gtzan_mlops.settings.schema import Settings
 
 import yaml
@@ -51,7 +53,7 @@ def validate_settings(params: dict[str, Any], source: Path | str = PARAMS_FILE) 
     try:
         return schema.validated(params)
     except ValidationError as error:
-        raise ConfigError(schema.describe_errors(error, str(source))) from None
+        raise ConfigError(describe_errors(error, str(source))) from None
 
 
 def read_params(path: Path | str | None = None) -> dict[str, Any]:
@@ -102,3 +104,28 @@ def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str,
             raise ConfigError(f"{PARAMS_FILE}: no setting '{key}' to override")
         node[last] = yaml.safe_load(text)
     return params
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    """`train.sgd.space.alpha.high` from pydantic's location, without the union's tags."""
+    tags = {"int", "float", "categorical", "fixed", "function-after[_window_fits()]"}
+    parts = [str(part) for part in location if str(part) not in tags]
+    return ".".join(parts) or "(top level)"
+
+
+def describe_errors(error: ValidationError, source: str) -> str:
+    """One line per problem, each naming the setting by its path."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        path = _key_path(problem["loc"])
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{source}: unknown setting '{path}'")
+        elif kind == "missing":
+            lines.append(f"{source}: missing setting '{path}'")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            given = problem.get("input")
+            shown = "" if isinstance(given, dict | list) else f", got {given!r}"
+            lines.append(f"{source}: {path}: {message}{shown}")
+    return "\n".join(dict.fromkeys(lines))

@@ -21,7 +21,6 @@ from pydantic import (
     StrictBool,
     StrictStr,
     Tag,
-    ValidationError,
     model_validator,
 )
 
@@ -107,7 +106,17 @@ class Data(Section):
         return self
 
 
+class FingerprintIndex(Section):
+    """How the inverted index of fingerprint sub-words picks the candidate pairs."""
+
+    subwords: Annotated[Int, Field(ge=1, le=32)]
+    subword_bits: Annotated[Int, Field(ge=8, le=32)]
+    min_shared: Positive
+    max_key_fingerprints: Annotated[Int, Field(ge=2)]
+
+
 class Duplicates(Section):
+    index: FingerprintIndex
     fingerprint_seconds: Annotated[Float, Field(gt=0)]
     window_s: Annotated[Float, Field(gt=0)]
     max_offset_s: Annotated[Float, Field(ge=0)]
@@ -411,7 +420,29 @@ class ServeResources(Section):
     malloc_mmap_threshold_kib: Positive
 
 
+class RayCluster(Section):
+    address: StrictStr | None
+
+    @model_validator(mode="after")
+    def _host_port(self) -> RayCluster:
+        host, _, port = (self.address or "x:1").rpartition(":")
+        if not host or "/" in host or not port.isdigit():
+            raise ValueError(
+                "address must be the cluster's GCS as host:port (what `ray start --head` prints, "
+                "e.g. 10.0.0.5:6379), or null for a local Ray; ray:// addresses are not supported"
+            )
+        return self
+
+
+class CatalogResources(Section):
+    actors: Count
+    batch_size: Positive
+
+
 class Resources(Section):
+    engine: Literal["local", "ray"]
+    ray: RayCluster
+    catalog: CatalogResources
     fetch: Workers
     duplicates: Workers
     features: FeatureResources
@@ -447,31 +478,6 @@ class Settings(Section):
         if missing:
             raise ValueError(f"evaluate.candidates: {missing} are not in train.families")
         return self
-
-
-def _key_path(location: tuple[int | str, ...]) -> str:
-    """`train.sgd.space.alpha.high` from pydantic's location, without the union's tags."""
-    tags = {"int", "float", "categorical", "fixed", "function-after[_window_fits()]"}
-    parts = [str(part) for part in location if str(part) not in tags]
-    return ".".join(parts) or "(top level)"
-
-
-def describe_errors(error: ValidationError, source: str) -> str:
-    """One line per problem, each naming the setting by its path."""
-    lines = []
-    for problem in error.errors(include_url=False):
-        path = _key_path(problem["loc"])
-        kind = problem["type"]
-        if kind == "extra_forbidden":
-            lines.append(f"{source}: unknown setting '{path}'")
-        elif kind == "missing":
-            lines.append(f"{source}: missing setting '{path}'")
-        else:
-            message = problem["msg"].removeprefix("Value error, ")
-            given = problem.get("input")
-            shown = "" if isinstance(given, dict | list) else f", got {given!r}"
-            lines.append(f"{source}: {path}: {message}{shown}")
-    return "\n".join(dict.fromkeys(lines))
 
 
 def validated(params: dict[str, Any]) -> Settings:

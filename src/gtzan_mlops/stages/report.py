@@ -52,9 +52,9 @@ from gtzan_mlops.evaluation import comparison
 from gtzan_mlops.evaluation.protocols import ProtocolInputs, prepare
 from gtzan_mlops.models.reproduction import StudyModels, run_protocols, versions
 from gtzan_mlops.reports.reproduction import ReproductionPage, display_path, render_markdown
-from gtzan_mlops.settings.loading import ConfigError, resolve_path
+from gtzan_mlops.settings.loading import ConfigError, describe_errors, resolve_path
 from gtzan_mlops.settings.schema import Report as ReportSection
-from gtzan_mlops.settings.schema import Settings, describe_errors
+from gtzan_mlops.settings.schema import Settings
 
 log = logging.getLogger(__name__)
 
