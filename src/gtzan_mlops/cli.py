@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gtzan_mlops.cluster import ClusterError
 from gtzan_mlops.settings.loading import PARAMS_FILE, ConfigError, find_repo_root, load_settings
 from gtzan_mlops.tracking import champion_uri
 
@@ -141,8 +142,9 @@ def stage_main(
 ) -> int:
     """The command line of a stage: parse its options (`arguments`, then --params and --set),
     call `run(settings, root)` (`run(settings, root, args)` when it has `arguments` of its own),
-    print one line, `describe(result)` or `summary_line`; a ConfigError, a missing file or one
-    of `errors` ends it with its message on stderr and exit status 1, without a traceback."""
+    print one line, `describe(result)` or `summary_line`; a ConfigError, a Ray cluster it cannot
+    use (ClusterError), a missing file or one of `errors` ends it with its message on stderr and
+    exit status 1, without a traceback."""
 
     parser = argparse.ArgumentParser(
         prog=f"gtzan-mlops {name}",
@@ -158,7 +160,7 @@ def stage_main(
     try:
         settings, root = stage_settings(args)
         result = run(settings, root, args) if arguments is not None else run(settings, root)
-    except (ConfigError, FileNotFoundError, *errors) as error:
+    except (ConfigError, ClusterError, FileNotFoundError, *errors) as error:
         print(f"gtzan-mlops {name}: {error}", file=sys.stderr)
         return 1
     if result is not None:
