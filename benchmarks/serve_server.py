@@ -149,7 +149,7 @@ def project_serve(
     """The project's `gtzan-mlops serve` (the guarded scoring app, params.yaml's allocator
     settings) of `champion` on `port` until the block ends."""
     options = ["--params", str(REPO_ROOT / "params.yaml"), "--host", "127.0.0.1"]
-    options += ["--workers", str(workers)]
+    options += ["--set", f"resources.serve.processes={workers}"]
     argv = _live_services().gtzan_serve_command(champion.uri, port, options)
     with _running(argv, port, log, _environment(champion), log.parent, timeout_s) as up:
         yield up

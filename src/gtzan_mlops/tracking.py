@@ -109,12 +109,17 @@ def ensure_experiment(name: str) -> str:
         return found.experiment_id
 
 
+def optuna_storage_url(configured: str | None = None) -> str | None:
+    """The Optuna studies' RDB URL: `OPTUNA_STORAGE`, then `configured`; None: journal files."""
+    return os.environ.get("OPTUNA_STORAGE") or configured
+
+
 def optuna_storage(family: str, root: Path | None = None, configured: str | None = None) -> Any:
     """Optuna storage for `family`: `OPTUNA_STORAGE`, then `configured` (params
     `train.optuna_storage`), each an RDB URL such as postgresql+psycopg2://host/db (the driver
     installed; SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3); else a journal file
     `optuna-journals/<family>.journal`, which several local processes can share (file lock)."""
-    url = os.environ.get("OPTUNA_STORAGE") or configured
+    url = optuna_storage_url(configured)
     if url:
         return url
     from optuna.storages import JournalStorage

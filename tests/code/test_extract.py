@@ -1,13 +1,18 @@
-"""The features stage: tables from a manifest, failures skipped, the per-clip cache, the pool."""
+"""The features stage: tables from a manifest, failures skipped, the per-clip cache, the pool,
+and the Ray engine on a small local Ray (one CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +23,8 @@ import soundfile
 import yaml
 from project_params import project_params
 
+from gtzan_mlops.cluster import ray_session
+from gtzan_mlops.features import ray_extraction
 from gtzan_mlops.features.extraction import WorkerCrashError, extract_all, jobs_from_manifest
 from gtzan_mlops.features.feature_sets import ExtractionSettings
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
@@ -296,3 +303,177 @@ def test_stopping_the_stage_ends_its_workers(tmp_path, gtzan_mini, stop):
     finally:
         if stage.poll() is None:
             stage.kill()
+
+
+# --- the Ray engine (resources.engine: ray) on a local Ray of one CPU ---------------------------
+
+
+def _jobs_and_settings(
+    root: Path, raw: dict, musicnn: bool = True
+) -> tuple[list, ExtractionSettings]:
+    """The stage's jobs and settings (with musicnn, as the stage; without: hand-crafted only,
+    where the model is beside the point and each new worker process would import TensorFlow)."""
+    manifest = pd.read_csv(root / "data/manifest.csv", dtype={"track_id": str, "sha256": str})
+    settings = validate_settings(raw)
+    extraction = (
+        ExtractionSettings.of(settings, root)
+        if musicnn
+        else ExtractionSettings(settings.features, None, None)
+    )
+    return jobs_from_manifest(manifest, root, root / "cache", "key"), extraction
+
+
+def _tables(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.csv"))}
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_ray_engine_writes_the_local_engines_tables(stage_repo):
+    """The stage with `resources.engine: ray` (a local Ray of `workers` CPUs) against the local
+    engine in this process: failures.csv and the musicnn tables are the same files; hand-crafted
+    values equal but for float32 rounding (about 1e-6 relative), as this process runs
+    multi-threaded BLAS and each Ray worker one thread, like the pool's workers. (Against the
+    local pool every table is the same file: tests/integration/test_ray_features.py.)"""
+    root, raw = stage_repo
+    features_stage.run(validate_settings(raw), root, show_progress=False)
+    local = _tables(root / "data/features")
+    shutil.rmtree(root / "data/features")  # the tables and the cache
+
+    raw["resources"]["engine"] = "ray"
+    raw["resources"]["features"]["workers"] = 1  # a local Ray of one CPU, one clip in flight
+    counts = features_stage.run(validate_settings(raw), root, show_progress=False)
+    assert (counts["clips"], counts["failed"], counts["from_cache"]) == (3, 1, 0)
+    on_ray = _tables(root / "data/features")
+    assert on_ray.keys() == local.keys()
+    handcrafted = {"features_30_sec.csv", "features_3_sec.csv"}
+    assert [name for name in local if name not in handcrafted and on_ray[name] != local[name]] == []
+    for name in handcrafted:  # compared as test_process_pool_gives_the_same_tables does
+        pd.testing.assert_frame_equal(
+            pd.read_csv(io.BytesIO(on_ray[name])), pd.read_csv(io.BytesIO(local[name]))
+        )
+    failures = pd.read_csv(root / "data/features/failures.csv")
+    assert failures["track_id"].tolist() == ["jazz.00054"]
+    assert "not decodable" in failures.loc[0, "reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_ray_workers_build_musicnn_once_and_the_driver_keeps_the_cache(stage_repo):
+    """Ray reuses a worker process for many clips: the model is built once per process, not
+    per clip. The cache is written by the driver as results arrive, so a second run submits
+    only the clip that failed."""
+    root, raw = stage_repo
+    jobs, settings = _jobs_and_settings(root, raw)
+    extracted = {job.track_id: job for job in jobs if job.track_id != "jazz.00054"}
+    with ray_session(None, purpose="test", num_cpus=1):
+        first = ray_extraction.RayExtraction(jobs, settings, in_flight=2)
+        results = {result.job.track_id: result for result in first}
+        again = ray_extraction.RayExtraction(jobs, settings, in_flight=2)
+        rerun = list(again)
+    assert sorted(results) == sorted(job.track_id for job in jobs)
+    assert all(results[track].features is not None for track in extracted)
+    assert "not decodable" in results["jazz.00054"].error
+    print(f"worker processes and their musicnn builds: {first.workers}")
+    assert first.workers and set(first.workers.values()) == {1}
+    assert len(first.workers) < len(extracted), "a process per clip: nothing was reused"
+    assert all(job.cache_path.is_file() for job in extracted.values())
+    # Only the clip that failed is extracted again (a failure is not cached, as locally).
+    assert sorted(r.job.track_id for r in rerun if r.from_cache) == sorted(extracted)
+    assert [r.job.track_id for r in rerun if not r.from_cache] == ["jazz.00054"]
+
+
+def _kill_task_workers(times: int, stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the worker process of this test's Ray (a descendant of this process) running
+    `extract_on_worker`, `times` times (each time a new process: the retry's), as a crash in a
+    native library would."""
+    import psutil
+
+    while len(killed) < times and not stop.is_set():
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                running = " ".join(process.cmdline()).startswith("ray::extract_on_worker")
+                if running and process.pid not in killed:
+                    process.kill()
+                    killed.append(process.pid)
+                    break
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_a_clip_whose_worker_dies_twice_is_a_failure_row_and_the_rest_go_on(stage_repo):
+    """The worker running a clip is killed, then the worker of its retry: the clip comes back
+    as a failure saying so, the clips after it are extracted, nothing waits forever."""
+    root, raw = stage_repo
+    jobs, settings = _jobs_and_settings(root, raw, musicnn=False)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_task_workers, args=(2, stop, killed), daemon=True)
+    started = time.monotonic()
+    with ray_session(None, purpose="test", num_cpus=1):
+        results = iter(ray_extraction.RayExtraction(jobs, settings, in_flight=1))
+        first = next(results)  # blues: then the worker of metal dies twice
+        killer.start()
+        rest = list(results)
+        stop.set()
+        killer.join(timeout=10)
+    print(f"killed workers {killed}; {time.monotonic() - started:.1f} s")
+    assert len(killed) == 2, "the test no longer kills a worker twice"
+    by_track = {result.job.track_id: result for result in [first, *rest]}
+    assert sorted(by_track) == sorted(job.track_id for job in jobs)
+    died = by_track["metal.00001"]
+    assert died.features is None
+    assert died.error.startswith("data/raw/genres/metal/metal.00001.wav: the worker died twice")
+    assert "\n" not in died.error
+    assert by_track["pop.00001"].features is not None, "the clip after it was not extracted"
+    assert not died.job.cache_path.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_a_cluster_that_runs_no_clip_ends_the_extraction(stage_repo, monkeypatch):
+    """Tasks no node can run (here: two CPUs asked of a one-CPU Ray) wait for a node forever
+    in Ray; the extraction gives up after STALL_TIMEOUT_S, naming the clips in flight."""
+    root, raw = stage_repo
+    jobs, settings = _jobs_and_settings(root, raw, musicnn=False)
+    monkeypatch.setattr(ray_extraction, "STALL_TIMEOUT_S", 3.0)
+    monkeypatch.setitem(ray_extraction.TASK_OPTIONS, "num_cpus", 2)
+    with (
+        ray_session(None, purpose="test", num_cpus=1),
+        pytest.raises(ray_extraction.RayExtractionError) as raised,
+    ):
+        list(ray_extraction.RayExtraction(jobs, settings, in_flight=2))
+    message = str(raised.value)
+    assert "no clip finished on the Ray cluster within 3 s (2 in flight" in message
+    assert all(job.label in message for job in jobs[:2]), message
+    assert "\n" not in message
+
+
+def test_an_unreachable_ray_address_is_one_line_before_any_work(stage_repo, capsys):
+    """engine ray with a cluster address nobody answers at: one line naming the address and
+    the fix, no traceback, and no clip extracted (no cache, no tables)."""
+    from live_services import free_port
+
+    root, raw = stage_repo
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    address = f"127.0.0.1:{free_port()}"
+    status = features_stage.main(
+        [
+            "--params",
+            str(root / "params.yaml"),
+            "--set",
+            "resources.engine=ray",
+            "--set",
+            f"resources.ray.address={address}",
+        ]
+    )
+    error = capsys.readouterr().err
+    assert status == 2  # a cluster it cannot use: configuration
+    lines = error.strip().splitlines()
+    assert len(lines) == 1, error
+    assert lines[0].startswith(
+        f"gtzan-mlops features: features stage: no Ray cluster answers at {address}"
+    )
+    assert "resources.engine: local" in lines[0]
+    assert "Traceback" not in error
+    assert not (root / "data/features").exists()

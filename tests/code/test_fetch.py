@@ -204,7 +204,7 @@ def test_local_source_bad_folders_are_config_errors(tmp_path):
     raw = _raw("local", {"data.local_dir": "no/such/folder"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
-    assert fetch.main(["--params", str(tmp_path / "params.yaml")]) == 1
+    assert fetch.main(["--params", str(tmp_path / "params.yaml")]) == 2  # configuration
     with pytest.raises(ConfigError, match=r"data\.local_dir: .*no/such/folder: no such folder"):
         fetch.run(validate_settings(raw), tmp_path, show_progress=False)
     (tmp_path / "no-audio/genres/blues").mkdir(parents=True)

@@ -100,7 +100,7 @@ def test_a_whole_float_from_mlflow_run_becomes_an_integer():
 def test_a_stage_validates_its_overrides_before_running(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(RAW), encoding="utf-8")
     command = ["split", "--params", str(tmp_path / "params.yaml"), "--set", "split.seed=abc"]
-    assert cli.main(command) == 1
+    assert cli.main(command) == 2
     assert "split.seed: must be an integer, got 'abc'" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # refused before it read or wrote anything
 

@@ -103,3 +103,28 @@ def test_timeline_of_a_long_song_of_two_genres(champion, gtzan_mini, tmp_path, c
     genres = [run[1] for run in runs]
     assert "classical" in genres and "metal" in genres, out
     assert genres.index("classical") < len(genres) - 1 - genres[::-1].index("metal"), out
+
+
+def test_set_names_the_champion_and_the_exit_status_says_what_failed(
+    champion, params_file, gtzan_mini, capsys, monkeypatch
+):
+    """--set as in every command: promote.model_name picks the champion for this run. Exit
+    status 2 for settings or a model that cannot be loaded, nothing classified."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion)
+    clip = str(gtzan_mini / "genres" / "jazz" / "jazz.00001.wav")
+    params = yaml.safe_load(params_file.read_text())
+    params["promote"]["model_name"] = "another-model"
+    other = params_file.with_name("other.yaml")
+    other.write_text(yaml.safe_dump(params))
+
+    chosen = ["--params", str(other), "--set", f"promote.model_name={MODEL_NAME}"]
+    assert predict.main([clip, *chosen]) == 0
+    assert LINE.match(capsys.readouterr().out.strip())
+
+    assert predict.main([clip, "--params", str(other)]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "cannot load the model models:/another-model@champion" in err
+
+    assert predict.main([clip, "--params", str(other), "--set", "promote.model_name=[a]"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "promote.model_name: Input should be a valid string" in err

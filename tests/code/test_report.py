@@ -230,27 +230,28 @@ def test_artist_filtered_skipped_when_no_clip_is_listed(tmp_path, base_params, s
     assert "clip-stratified 70/30, 30 s, 40 clips" in produced.markdown
 
 
-def test_cli_writes_the_report(tmp_path, repo_root, settings, capsys, monkeypatch):
+def test_cli_writes_the_report(tmp_path, repo_root, settings, capsys):
+    """The `report` settings through --set (paths relative to the repository root, lists in
+    YAML's [a, b]); the report names the command that writes it again."""
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(read_params(repo_root / "params.yaml")), encoding="utf-8")
     output = tmp_path / "reproduction"
-    monkeypatch.chdir(tmp_path)  # command-line paths are relative to the working directory
     code = report.main(
         [
             "--params",
             str(params_path),
-            "--reference-table",
-            settings["reference_table"],
-            "--segments-table",
-            settings["segments_table"],
-            "--lists-dir",
-            settings["lists_dir"],
-            "--families",
-            "naive_bayes,knn",
-            "--seeds",
-            "0",
-            "--output-dir",
-            "reproduction",
+            "--set",
+            f"report.reference_table={settings['reference_table']}",
+            "--set",
+            f"report.segments_table={settings['segments_table']}",
+            "--set",
+            f"report.lists_dir={settings['lists_dir']}",
+            "--set",
+            "report.families=[naive_bayes, knn]",
+            "--set",
+            "report.seeds=[0]",
+            "--set",
+            "report.output_dir=reproduction",
         ]
     )
     assert code == 0
@@ -258,38 +259,51 @@ def test_cli_writes_the_report(tmp_path, repo_root, settings, capsys, monkeypatc
     table = pd.read_csv(output / "reproduction.csv")
     assert set(table["family"]) == {"naive_bayes", "knn"}
     markdown = (output / "reproduction.md").read_text(encoding="utf-8")
-    assert "--families naive_bayes knn --seeds 0 --output-dir reproduction" in markdown
+    again = "--set 'report.families=[naive_bayes, knn]' --set 'report.seeds=[0]' --set "
+    assert again + "report.output_dir=reproduction`" in markdown
     assert "wrote" in capsys.readouterr().out
 
-    # Nothing to run: both tables missing is an error with the reasons.
+    # Nothing to run: both tables missing (the settings name files that are not there) is a
+    # configuration error with the reasons.
     code = report.main(
         [
             "--params",
             str(params_path),
-            "--reference-table",
-            str(tmp_path / "absent_30.csv"),
-            "--segments-table",
-            str(tmp_path / "absent_3.csv"),
-            "--output-dir",
-            str(tmp_path / "none"),
+            "--set",
+            f"report.reference_table={tmp_path / 'absent_30.csv'}",
+            "--set",
+            f"report.segments_table={tmp_path / 'absent_3.csv'}",
+            "--set",
+            f"report.output_dir={tmp_path / 'none'}",
         ]
     )
-    assert code == 1
-    assert "no protocol can run" in capsys.readouterr().err
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "no protocol can run" in error and "set report.reference_table" in error
 
 
-def test_a_bad_option_is_an_error_naming_it(tmp_path, repo_root, capsys):
-    """The command line's options are checked as params.yaml's report section is."""
+def test_a_bad_setting_is_an_error_naming_it(tmp_path, repo_root, capsys):
+    """--set values are checked as params.yaml's report section is; lists are [a, b] only."""
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(read_params(repo_root / "params.yaml")), encoding="utf-8")
-    for option, value, where in (
-        ("--families", "polka", "families.0"),
-        ("--seeds", "-1", "seeds.0"),
+    for assignment, problem in (
+        ("report.families=[polka]", "report.families.0: Input should be"),
+        ("report.families=knn,svm", "report.families: Input should be a valid list"),
+        ("report.seeds=[-1]", "report.seeds.0: Input should be greater than or equal to 0"),
+        ("report.seeds=[0.5]", "report.seeds.0: must be an integer, got 0.5"),
     ):
-        code = report.main(
-            ["--params", str(params_path), option, value, "--output-dir", str(tmp_path / "out")]
-        )
-        assert code == 1
+        output = f"report.output_dir={tmp_path / 'out'}"
+        code = report.main(["--params", str(params_path), "--set", assignment, "--set", output])
+        assert code == 2, assignment
         error = capsys.readouterr().err
-        assert f"command-line options: {where}:" in error and "Traceback" not in error
+        assert problem in error and "Traceback" not in error, error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--families", "--seeds", "--output-dir", "--lists-dir"])
+def test_settings_are_not_options(option, capsys):
+    """One way to set a knob: the report's settings are --set only."""
+    with pytest.raises(SystemExit) as exited:
+        report.main([option, "x"])
+    assert exited.value.code == 2
+    assert f"unrecognized arguments: {option} x" in capsys.readouterr().err

@@ -12,13 +12,16 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from live_services import small_project
+import ray
+from live_services import free_port, small_project
 
 from gtzan_mlops import tracking
 from gtzan_mlops.evaluation.scoring import METRICS
 from gtzan_mlops.features import feature_sets
 from gtzan_mlops.features.handcrafted import FEATURE_NAMES
 from gtzan_mlops.models import zoo
+from gtzan_mlops.models.ray_workers import WorkerError, sampler_streams, tuning_cluster
+from gtzan_mlops.models.study import StudySettings
 from gtzan_mlops.models.training_data import load_training_data
 from gtzan_mlops.settings.loading import ConfigError, load_settings, read_params, validate_settings
 from gtzan_mlops.stages import train
@@ -124,9 +127,8 @@ def test_rerun_resumes_the_study_and_more_trials_extend_it(project):
     again = train.run(params, project, "naive_bayes")
     assert again["study"] == first["study"] and again["run_id"] == first["run_id"]
     assert len(_nested_runs(first["run_id"])) == 2  # no trial ran twice
-    more = train.run(
-        train.with_options(params, "naive_bayes", n_trials=3, workers=0), project, "naive_bayes"
-    )
+    more_trials = load_settings(project / "params.yaml", ["train.naive_bayes.n_trials=3"])
+    more = train.run(more_trials, project, "naive_bayes")
     assert more["run_id"] == first["run_id"] and more["n_trials"] == 3
     assert len(_nested_runs(first["run_id"])) == 3
     # Another search space is another study, under a new parent run.
@@ -154,13 +156,13 @@ def test_same_seed_gives_the_same_model(tmp_path, repo_root, monkeypatch, family
 
 
 def test_two_worker_processes_share_the_study_and_lose_no_trial(tmp_path, repo_root, monkeypatch):
-    """`--workers 2`: two processes write trials to one journal file and one MLflow store at
-    once; every trial is recorded exactly once in Optuna and once in MLflow."""
+    """`resources.train.workers: 2`: two processes write trials to one journal file and one
+    MLflow store at once; every trial is recorded exactly once in Optuna and once in MLflow."""
     for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT"):
         monkeypatch.delenv(name, raising=False)
     folder = make_project(tmp_path / "parallel", repo_root, n_trials=10)
-    params = load_settings(folder / "params.yaml")
-    record = train.run(train.with_options(params, "knn", n_trials=0, workers=2), folder, "knn")
+    params = load_settings(folder / "params.yaml", ["resources.train.workers=2"])
+    record = train.run(params, folder, "knn")
 
     study = optuna.load_study(
         study_name=record["study"], storage=tracking.optuna_storage("knn", folder)
@@ -283,3 +285,127 @@ def test_tables_made_with_other_settings_are_refused(project):
         load_training_data(params, project)
     record = load_training_data(load_settings(project / "params.yaml"), project)
     assert record.feature_settings["sample_rate"] == 22050  # read from the tables' record
+
+
+# --- tuning on Ray (resources.engine: ray) -------------------------------------------------------
+
+
+def on_ray(project: Path, address: str | None, workers: int = 2, *more: str):
+    """The project's settings with the Optuna workers on Ray (`address` None: a local Ray)."""
+    overrides = ["resources.engine=ray", f"resources.train.workers={workers}", *more]
+    if address is not None:
+        overrides.append(f"resources.ray.address={address}")
+    return load_settings(project / "params.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("optuna_storage", "tracking_uri", "message"),
+    [
+        (None, "http://127.0.0.1:5000", r"Optuna study in a journal file.*set train\.optuna_stor"),
+        ("sqlite:///optuna.db", "http://127.0.0.1:5000", r"Optuna study in sqlite:///optuna\.db"),
+        ("postgresql+psycopg2://db/optuna", None, r"MLflow store sqlite:///.*MLFLOW_TRACKING_URI"),
+        ("postgresql+psycopg2://db/optuna", "/srv/mlruns", r"MLflow store /srv/mlruns of this"),
+    ],
+    ids=["journal-file", "sqlite-study", "sqlite-mlflow", "mlflow-folder"],
+)
+def test_a_cluster_needs_stores_every_node_reaches(
+    project, monkeypatch, optuna_storage, tracking_uri, message
+):
+    """With a cluster's address, a study or MLflow store in a file of this machine is refused
+    before any work: before even connecting (nothing answers at the address, which would be a
+    ClusterError), and with the setting to change."""
+    for name, value in (("OPTUNA_STORAGE", optuna_storage), ("MLFLOW_TRACKING_URI", tracking_uri)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match=message) as error:
+        train.run(on_ray(project, address), project, "svm")
+    assert f"resources.ray.address {address} runs the trials on other machines" in str(error.value)
+    assert "resources.ray.address: null" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not ray.is_initialized()
+
+
+def test_an_unreachable_cluster_is_one_line_before_any_work(project, monkeypatch, capsys):
+    """Stores every node could reach (never contacted), a cluster address nobody answers at:
+    the command prints one line and exits 2 (configuration) before loading data or making a
+    run."""
+    monkeypatch.setenv("OPTUNA_STORAGE", f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/o")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    address = f"127.0.0.1:{free_port()}"
+    records = sorted((project / "data/train").glob("*.json"))
+    argv = ["--family", "svm", "--params", str(project / "params.yaml")]
+    argv += ["--set", "resources.train.workers=2", "--set", "resources.engine=ray"]
+    argv += ["--set", f"resources.ray.address={address}"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gtzan-mlops train: train svm: no Ray cluster answers at {address}")
+    assert "\n" not in err, err
+    assert sorted((project / "data/train").glob("*.json")) == records
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(("engine", "workers"), [("local", 2), ("ray", 0)])
+def test_the_local_engine_or_no_workers_start_no_ray(project, engine, workers):
+    """The trials run in local processes or in the stage's own: no Ray is started or attached
+    to, whatever the address says."""
+    settings = load_settings(
+        project / "params.yaml",
+        [f"resources.engine={engine}", f"resources.train.workers={workers}",
+         f"resources.ray.address=127.0.0.1:{free_port()}"],
+    )  # fmt: skip
+    with tuning_cluster(settings.resources, StudySettings.of(settings, "svm"), project) as cluster:
+        assert cluster is None
+        assert not ray.is_initialized()
+
+
+def test_one_ray_worker_samples_the_stages_own_stream():
+    """One worker samples what the stage's process would (stream 0), so that it tunes exactly
+    as the local engine's single process; several sample 1..N, as local worker processes do."""
+    assert sampler_streams(1) == [0]
+    assert sampler_streams(3) == [1, 2, 3]
+
+
+def test_a_failed_local_worker_process_is_named(tmp_path, repo_root, monkeypatch):
+    """Every trial fails in the worker processes (more neighbours than training rows): the
+    stage ends with a WorkerError naming each worker and its exit status."""
+    for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    folder = small_project(
+        tmp_path / "failing", repo_root, ["knn"], 2, updates={"train.knn.space.n_neighbors": 10**5}
+    )
+    params = load_settings(folder / "params.yaml", ["resources.train.workers=2"])
+    with pytest.raises(WorkerError, match=r"worker 1 exit status 1, worker 2 exit status 1"):
+        train.run(params, folder, "knn")
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_ray_workers_on_a_local_ray_share_the_journal_and_record_every_trial_once(
+    tmp_path, repo_root, monkeypatch
+):
+    """A local Ray (address null) runs on this machine: its two workers share the journal file
+    and the SQLite store, every trial once in each, each run naming the node and worker."""
+    for name in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "DVC_ROOT", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    folder = make_project(tmp_path / "ray", repo_root, n_trials=6)
+    record = train.run(on_ray(folder, None), folder, "knn")
+    assert not ray.is_initialized()
+
+    study = optuna.load_study(
+        study_name=record["study"], storage=tracking.optuna_storage("knn", folder)
+    )
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert 6 <= len(trials) <= 7  # a trial the other worker had begun may finish too
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+    nested = _nested_runs(record["run_id"])
+    assert sorted(nested["run_id"]) == sorted(run_ids)
+    assert sorted(nested["tags.optuna.trial"].astype(int)) == sorted(t.number for t in trials)
+    assert nested["tags.gtzan.ray_node"].nunique() == 1  # the one node of a local Ray
+    assert set(nested["tags.gtzan.worker"]) <= {"1", "2"}
+    assert record["n_trials"] == len(trials)
+    mlflow.set_tracking_uri(None)

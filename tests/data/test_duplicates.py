@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import librosa
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile
+from fingerprint_helpers import all_pairs_product, synthetic_fingerprints
 
 from gtzan_mlops.data import duplicates, split_strategies, splits
 from gtzan_mlops.data.manifest import ManifestGates, build_manifest
@@ -137,7 +140,7 @@ def test_the_70_real_clips_hold_no_duplicates(tmp_path, gtzan_mini, params):
         duplicates.fingerprint(root / path, settings.fingerprint_seconds)
         for path in manifest["path"]
     ]
-    similarity, _ = duplicates.fingerprint_matches(
+    similarity, _ = all_pairs_product(
         prints, duplicates.window_items(settings), duplicates.max_offset_items(settings)
     )
     np.fill_diagonal(similarity, 0)
@@ -167,3 +170,103 @@ def test_groups_are_connected_components_of_the_pairs():
     assert duplicates.group_ids(list("abcdef"), pairs) == {
         "a": "dup:a", "b": "dup:a", "e": "dup:a", "c": "dup:c", "d": "dup:c"
     }  # fmt: skip
+
+
+def _synthetic_clips(
+    fingerprints: list[np.ndarray], same_samples: dict[int, int] | None = None
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Synthetic track ids for made-up fingerprints, each with samples of its own but those
+    `same_samples` maps to another's."""
+    ids = [f"synthetic.{index:05d}" for index in range(len(fingerprints))]
+    hashes = [f"samples-{(same_samples or {}).get(index, index)}" for index in range(len(ids))]
+    clips = pd.DataFrame({"track_id": ids, "samples_sha256": hashes})
+    return clips, dict(zip(ids, fingerprints, strict=True))
+
+
+def test_the_pairs_are_those_of_the_all_pairs_comparison(params):
+    """The index's candidates compared exactly give what comparing every pair gave: the same
+    pairs, similarities and offsets, on made-up copies at 2-16 % bit errors (the bar, 0.85, is
+    15 %), starting up to 5 s into each other either way, besides identical samples."""
+    settings = params.duplicates
+    window, max_offset = duplicates.window_items(settings), duplicates.max_offset_items(settings)
+    prints, planted = [], []
+    for bit_error in (0.02, 0.1, 0.14, 0.15, 0.16):
+        made, copies = synthetic_fingerprints(60, 20, bit_error, window, max_offset, len(prints))
+        planted += [(a + len(prints), b + len(prints)) for a, b, _ in copies]
+        prints += made
+    prints.append(prints[-1][: window + max_offset - 1])  # too short to compare
+    # Identical samples: three clips (one too short), a copy and another clip, a copy and its
+    # original (identical samples win over the fingerprint match).
+    same = {len(prints) - 1: 0, 3: 0, planted[0][1]: 5, planted[1][1]: planted[1][0]}
+    clips, fingerprints = _synthetic_clips(prints, same)
+    found = duplicates.find_pairs(clips, fingerprints, settings)
+
+    ids = list(clips["track_id"])
+    similarity, offset = all_pairs_product(prints[:-1], window, max_offset)
+    either = np.maximum(similarity, similarity.T) >= 0.85
+    expected = {}
+    for i, j in np.argwhere(np.triu(either, k=1)):
+        forward = similarity[i, j] >= similarity[j, i]
+        value = similarity[i, j] if forward else similarity[j, i]
+        shift = int(offset[i, j]) if forward else -int(offset[j, i])
+        expected[(ids[i], ids[j])] = (
+            "fingerprint", round(float(value), 4), round(shift * duplicates.ITEM_SECONDS, 2)
+        )  # fmt: skip
+    for _, holders in clips.groupby("samples_sha256"):
+        for pair in itertools.combinations(sorted(holders["track_id"]), 2):
+            expected[pair] = ("identical samples", 1.0, 0.0)
+    found_rows = {
+        (row.track_a, row.track_b): (row.match, row.similarity, row.offset_s)
+        for row in found.itertuples()
+    }
+    assert found_rows == expected
+    assert len(expected) == len(found)  # no pair twice
+    assert list(found.columns) == list(duplicates.PAIR_COLUMNS)
+    assert found.equals(found.sort_values(["track_a", "track_b"]))
+    assert found_rows[(ids[planted[1][0]], ids[planted[1][1]])][0] == "identical samples"
+    matched = sum(bool(either[pair]) for pair in planted)
+    assert 60 < matched < len(planted)  # copies up to 15 % bit errors match, few past it
+
+
+def test_the_pair_finding_memory_grows_with_the_fingerprints_not_the_pairs(params):
+    """Peak memory of find_pairs on 1,000 and 8,000 made-up fingerprints: about 8 times more
+    (the n x n similarities of all pairs alone would be 64 times more: 256 MB at 8,000)."""
+    settings = params.duplicates
+    window, max_offset = duplicates.window_items(settings), duplicates.max_offset_items(settings)
+    peaks = []
+    for count in (1000, 8000):
+        prints, planted = synthetic_fingerprints(count, count // 20, 0.1, window, max_offset)
+        clips, fingerprints = _synthetic_clips(prints)
+        tracemalloc.start()
+        try:
+            found = duplicates.find_pairs(clips, fingerprints, settings)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert len(found) == len(planted)
+    assert peaks[1] < 10 * peaks[0]
+    assert peaks[1] < 8000**2 * 4 / 2  # half of one n x n float32 matrix
+
+
+def test_the_report_lists_each_group_with_its_own_pairs(params):
+    clips = pd.DataFrame(
+        {
+            "track_id": ["a", "b", "c", "d", "e"],
+            "problem": "",
+            splits.GROUP_COLUMN: ["dup:a", "dup:a", "dup:c", "dup:c", ""],
+        }
+    )
+    pairs = pd.DataFrame(
+        {
+            "track_a": ["a", "c"],
+            "track_b": ["b", "d"],
+            "match": ["identical samples", "fingerprint"],
+            "similarity": [1.0, 0.93],
+            "offset_s": [0.0, -1.24],
+        }
+    )
+    report = duplicates.report_markdown(clips, pairs, params.duplicates)
+    first, second = report.split("## dup:a")[1].split("## dup:c")
+    assert "| a | b | identical samples | 1.000 | +0.00 |" in first and "| c |" not in first
+    assert "| c | d | fingerprint | 0.930 | -1.24 |" in second and "| a |" not in second
+    assert "2 duplicate groups holding 4 clips; 2 matched pairs" in report

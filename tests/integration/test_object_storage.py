@@ -159,7 +159,8 @@ def test_mlflow_server_on_postgres_keeps_artifacts_in_s3_and_serves_the_champion
             client_env = _without_aws(clean_env(MLFLOW_TRACKING_URI=url))
             for name in ("DVC_ROOT", "DVC_EXP_NAME"):
                 client_env.pop(name, None)
-            run_stage(["train", "--family", family, "--n-trials", "2"], project, client_env)
+            n_trials = f"train.{family}.n_trials=2"
+            run_stage(["train", "--family", family, "--set", n_trials], project, client_env)
             record = json.loads((project / "data/train" / f"{family}-handcrafted.json").read_text())
 
             client = mlflow.MlflowClient(tracking_uri=url)

@@ -35,8 +35,8 @@ def test_two_workers_record_every_trial_once_on_a_postgres_backed_server(tmp_pat
             env = clean_env(MLFLOW_TRACKING_URI=url, OPTUNA_STORAGE=f"{postgres}/optuna")
             for name in ("DVC_ROOT", "DVC_EXP_NAME"):
                 env.pop(name, None)
-            train = ["train", "--family", FAMILY, "--workers", str(WORKERS)]
-            run_stage([*train, "--n-trials", str(N_TRIALS)], project, env)
+            train = ["train", "--family", FAMILY, "--set", f"resources.train.workers={WORKERS}"]
+            run_stage([*train, "--set", f"train.{FAMILY}.n_trials={N_TRIALS}"], project, env)
             record = json.loads((project / "data/train" / f"{FAMILY}-handcrafted.json").read_text())
 
             # Optuna: the study in PostgreSQL holds the finished trials, none failed or stuck.

@@ -13,7 +13,6 @@ script and SVG drawing, so it needs nothing from the internet and vendors no lib
 
 from __future__ import annotations
 
-import argparse
 import base64
 import logging
 import re
@@ -26,7 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from gtzan_mlops.cli import add_model_arguments, chosen_model_uri, params_file
+from gtzan_mlops.cli import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_model_arguments,
+    command_parser,
+    model_command,
+    port_number,
+)
 from gtzan_mlops.settings.loading import ConfigError
 
 log = logging.getLogger(__name__)
@@ -184,29 +190,37 @@ def create_app(classifier: Classifier) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gtzan-mlops listen",
-        description="A local page to try a model on a song (default: the champion).",
+    parser = command_parser(
+        "listen", "A local page to try a model on a song (default: the champion)."
     )
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    parser.add_argument("--port", type=int, default=5003, help="port (default: 5003)")
+    parser.add_argument("--port", type=port_number, default=5003, help="port (default: 5003)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import mlflow
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from gtzan_mlops import tracking
 
     try:
-        params_path = params_file(args)
-        uri = chosen_model_uri(args)
-        tracking.use_store(params_path.resolve().parent)
+        uri, _, root = model_command(args)
+    except ConfigError as error:
+        print(f"gtzan-mlops listen: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        tracking.use_store(root)
         classifier = Classifier(uri, mlflow.pyfunc.load_model(uri))
     except Exception as error:  # any loading failure ends the command with its reason
         print(f"gtzan-mlops listen: cannot load the model: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"gtzan-mlops listen: {uri} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(classifier), host=args.host, port=args.port, log_level="warning")
-    return 0
+    try:
+        uvicorn.run(create_app(classifier), host=args.host, port=args.port, log_level="warning")
+    except SystemExit as ended:  # uvicorn's start-up failure (the port is taken): a usage error
+        if ended.code == STARTUP_FAILURE:
+            return EXIT_USAGE
+        raise
+    return EXIT_OK

@@ -1,13 +1,13 @@
 """`gtzan-mlops predict FILE [FILE ...]`: the genre of whole songs with the served model.
 
-Each file goes to the model (default: the champion) on its own, as the bytes a client would
-send, so a bad file is reported with its reason while the others are classified. Exits 1 if
-any file failed, 2 if the model cannot be loaded.
+Each file goes to the model (default: the champion of promote.model_name) on its own, as the
+bytes a client would send, so a bad file is reported with its reason while the others are
+classified. Exits 1 if any file failed, 2 if the settings are invalid or the model cannot be
+loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -16,7 +16,15 @@ from typing import Any
 
 import pandas as pd
 
-from gtzan_mlops.cli import add_model_arguments, chosen_model_uri
+from gtzan_mlops.cli import (
+    EXIT_INPUT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_model_arguments,
+    command_parser,
+    model_command,
+    positive_integer,
+)
 from gtzan_mlops.serving.spec import (
     BASE64_COLUMN,
     GENRE_COLUMN,
@@ -133,12 +141,12 @@ def load_model(model_uri: str, root: Path | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gtzan-mlops predict", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
-    )
+    parser = command_parser("predict", __doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("files", nargs="+", help="audio files (WAV, AU, FLAC, MP3, OGG)")
     add_model_arguments(parser)
-    parser.add_argument("--top", type=int, default=3, help="how many genres to list per file")
+    parser.add_argument(
+        "--top", type=positive_integer, default=3, help="how many genres to list per file"
+    )
     parser.add_argument(
         "--timeline",
         action="store_true",
@@ -147,19 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        model_uri = chosen_model_uri(args)
+        model_uri, _, root = model_command(args)
     except ConfigError as error:
-        print(f"gtzan-mlops predict: {error}; pass --model", file=sys.stderr)
-        return 2
+        hint = "" if args.model else " (or pass --model URI)"
+        print(f"gtzan-mlops predict: {error}{hint}", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        model = load_model(model_uri, args.params.resolve().parent if args.params else None)
+        model = load_model(model_uri, root)
     except Exception as error:  # any loading failure ends the command with its reason
         print(
             f"gtzan-mlops predict: cannot load the model {model_uri}: {error}\n"
             "(run `dvc repro` to train and promote a champion, or pass --model URI)",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
 
     failed = 0
     for path in args.files:
@@ -171,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
             print(format_result(result))
     if failed:
         print(f"{failed} of {len(args.files)} files could not be classified", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_INPUT_FAILED if failed else EXIT_OK

@@ -9,7 +9,10 @@ samples, or Chromaprint fingerprints that agree (params `duplicates`), and the g
   agrees on about half the bits (at most 0.62 among the 70 real clips in ../shared), copies on
   0.97 and more.
 
-Clips linked by a match form a duplicate group, named after its first track id.
+Fingerprints are compared only in the candidate pairs of an inverted index of their sub-words
+(data/fingerprint_index.py, params `duplicates.index`), each exactly, both ways, at every offset:
+the same pairs as comparing all of them, in time and memory that grow with the clips, not with
+the pairs. Clips linked by a match form a duplicate group, named after its first track id.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from gtzan_mlops.data.audio import AudioError, decode_mono
+from gtzan_mlops.data.fingerprint_index import candidate_pairs, compare_pairs
 from gtzan_mlops.data.splits import GROUP_COLUMN, connected_components
 from gtzan_mlops.reports import markdown
 from gtzan_mlops.settings.loading import resolve_path
@@ -92,39 +96,15 @@ def samples_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _signs(items: np.ndarray) -> np.ndarray:
-    """±1 per bit of the items, so that a dot product counts agreeing minus differing bits."""
-    bits = np.unpackbits(items.astype(">u4").view(np.uint8))
-    return bits.astype(np.float32) * 2 - 1
-
-
-def fingerprint_matches(
-    fingerprints: list[np.ndarray], window_items: int, max_offset_items: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(similarity, offset in items) of every ordered pair (i, j): the best share of agreeing
-    bits between `window_items` of i from its item `o` and the first `window_items` of j, over
-    0 <= o <= max_offset_items (j starts o items into i). Each fingerprint needs
-    window_items + max_offset_items items. One matrix product per offset: all pairs at once."""
-    count = len(fingerprints)
-    bits = window_items * 32
-    starts = np.stack([_signs(items[:window_items]) for items in fingerprints])
-    best = np.full((count, count), -1.0, dtype=np.float32)
-    best_offset = np.zeros((count, count), dtype=np.int64)
-    for offset in range(max_offset_items + 1):
-        shifted = np.stack(
-            [_signs(items[offset : offset + window_items]) for items in fingerprints]
-        )
-        similarity = (shifted @ starts.T + bits) / (2 * bits)
-        better = similarity > best
-        best[better] = similarity[better]
-        best_offset[better] = offset
-    return best, best_offset
-
-
 def find_pairs(
     clips: pd.DataFrame, fingerprints: dict[str, np.ndarray], settings: Duplicates
 ) -> pd.DataFrame:
-    """Every pair of clips with identical samples or matching fingerprints (PAIR_COLUMNS)."""
+    """Every pair of clips with identical samples or matching fingerprints (PAIR_COLUMNS).
+
+    Fingerprints are compared only where the inverted index of their sub-words
+    (data/fingerprint_index.py) finds a candidate pair, each candidate both ways at every
+    offset: a match where either way reaches `min_similarity`. The work and the memory grow
+    with the number of fingerprints (and of chance candidates), not with the number of pairs."""
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
     for _, same in clips.groupby("samples_sha256"):
         ids = sorted(same["track_id"])
@@ -133,27 +113,26 @@ def find_pairs(
                 pairs[(first, second)] = {
                     "match": "identical samples", "similarity": 1.0, "offset_s": 0.0
                 }  # fmt: skip
-    needed = window_items(settings) + max_offset_items(settings)
-    ids = sorted(track for track, items in fingerprints.items() if len(items) >= needed)
-    if len(ids) > 1:
-        similarity, offset = fingerprint_matches(
-            [fingerprints[track] for track in ids],
-            window_items(settings),
-            max_offset_items(settings),
-        )
-        either = np.maximum(similarity, similarity.T) >= settings.min_similarity
-        for i, j in np.argwhere(np.triu(either, k=1)):
-            # j starts offset[i, j] items into i, or i starts offset[j, i] items into j
-            if similarity[i, j] >= similarity[j, i]:
-                value, shift = float(similarity[i, j]), int(offset[i, j])
-            else:
-                value, shift = float(similarity[j, i]), -int(offset[j, i])
-            if (ids[i], ids[j]) not in pairs:
-                pairs[(ids[i], ids[j])] = {
-                    "match": "fingerprint",
-                    "similarity": round(value, 4),
-                    "offset_s": round(shift * ITEM_SECONDS, 2),
-                }
+    window, max_offset = window_items(settings), max_offset_items(settings)
+    ids = sorted(
+        track for track, items in fingerprints.items() if len(items) >= window + max_offset
+    )
+    prints = [fingerprints[track] for track in ids]
+    candidates = candidate_pairs(prints, window, max_offset, settings.index)
+    similarity, offset = compare_pairs(prints, candidates, window, max_offset)
+    # In float32, as the similarities are (and as the all-pairs matrix compared them).
+    matched = similarity.max(axis=1) >= np.float32(settings.min_similarity)
+    for (i, j), (forward, backward), (ahead, behind) in zip(
+        candidates[matched], similarity[matched], offset[matched], strict=True
+    ):
+        # j starts `ahead` items into i, or i starts `behind` items into j
+        value, shift = (forward, int(ahead)) if forward >= backward else (backward, -int(behind))
+        if (ids[i], ids[j]) not in pairs:
+            pairs[(ids[i], ids[j])] = {
+                "match": "fingerprint",
+                "similarity": round(float(value), 4),
+                "offset_s": round(shift * ITEM_SECONDS, 2),
+            }
     rows = [{"track_a": a, "track_b": b, **match} for (a, b), match in sorted(pairs.items())]
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
 
@@ -241,8 +220,12 @@ def report_markdown(clips: pd.DataFrame, pairs: pd.DataFrame, settings: Duplicat
         lines += ["Not fingerprint-compared:", ""]
         lines += [f"- {row.track_id}: {row.problem}" for row in problems.itertuples()]
         lines.append("")
-    for group, members in grouped.groupby(GROUP_COLUMN, sort=True):
-        ids = set(members["track_id"])
+    # Both clips of a pair are in one group: the pairs go to the group of their first clip.
+    group_of = dict(zip(grouped["track_id"], grouped[GROUP_COLUMN], strict=True))
+    pairs_of = {
+        group: rows for group, rows in pairs.groupby(pairs["track_a"].map(group_of), sort=False)
+    }
+    for group in sorted(pairs_of):
         matched = [
             [
                 pair.track_a,
@@ -251,7 +234,7 @@ def report_markdown(clips: pd.DataFrame, pairs: pd.DataFrame, settings: Duplicat
                 f"{pair.similarity:.3f}",
                 f"{pair.offset_s:+.2f}",
             ]
-            for pair in pairs[pairs["track_a"].isin(ids)].itertuples()
+            for pair in pairs_of[group].itertuples()
         ]
         header = ["clip a", "clip b", "match", "similarity", "offset s"]
         lines += [f"## {group}", "", *markdown.table(header, matched, align="lllrr"), ""]

@@ -64,7 +64,7 @@ def read_groups(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (run the duplicates stage)") from None
+        raise FileNotFoundError(f"{path}: no such file (run the duplicates stage)") from None
     if not {"track_id", GROUP_COLUMN} <= set(table.columns):
         raise ConfigError(f"{path}: needs the columns track_id and {GROUP_COLUMN}")
     return table.loc[table[GROUP_COLUMN] != "", ["track_id", GROUP_COLUMN]]

@@ -158,7 +158,7 @@ def artist_lists(settings: ProtocolInputs) -> tuple[dict[str, list[str]], str]:
     if folder is None:
         lists = settings.artist_filtered
         if not lists.lists_dir and not lists.url:
-            raise ConfigError("no artist-filtered lists: set report.lists_dir or --lists-dir")
+            raise ConfigError("no artist-filtered lists: set report.lists_dir")
         folder = filtered_lists.lists_folder(lists, settings.root)
     return filtered_lists.read_filtered_lists(folder), str(folder)
 
@@ -281,7 +281,7 @@ def prepare(settings: ProtocolInputs) -> tuple[list[ProtocolData], dict[str, str
         except ConfigError as error:
             skipped["artist_filtered"] = str(error)
     else:
-        reason = f"no reference table at {settings.reference_table} (pass --reference-table)"
+        reason = f"no reference table at {settings.reference_table} (set report.reference_table)"
         skipped["clip_stratified"] = skipped["artist_filtered"] = reason
 
     if settings.segments_table.is_file():
@@ -297,8 +297,8 @@ def prepare(settings: ProtocolInputs) -> tuple[list[ProtocolData], dict[str, str
         prepared += [random_segments(segments, settings), song_grouped(segments, settings)]
     else:
         reason = (
-            f"no segment table at {settings.segments_table} (run the features stage or pass "
-            "--segments-table)"
+            f"no segment table at {settings.segments_table} (run the features stage or set "
+            "report.segments_table)"
         )
         skipped["random_segments"] = skipped["song_grouped"] = reason
 

@@ -1,6 +1,7 @@
 """The features stage's extraction: one job per usable clip of the manifest, each decoded once
-and both feature sets computed from it (feature_sets.extract_sets), spread over a process pool,
-each finished clip saved at once in the per-clip cache (clip_cache.py).
+and both feature sets computed from it (`compute_job`), spread over a process pool, each
+finished clip saved at once in the per-clip cache (clip_cache.py). On Ray the same `compute_job`
+runs as Ray tasks (ray_extraction.py).
 
 A clip that fails is returned with its reason, not raised. A worker process that dies (a crash
 inside a native library, or killed) ends the extraction with WorkerCrashError naming the clips
@@ -75,13 +76,24 @@ def jobs_from_manifest(
 
 
 def extract_job(job: ClipJob, settings: ExtractionSettings) -> ClipResult:
-    """Both feature sets of one clip, from the cache when present; errors are returned, not
-    raised."""
+    """Both feature sets of one clip, from the cache when present, else computed and cached;
+    errors are returned, not raised."""
     cached = load_cached(job.cache_path)
     if cached is not None:
         return ClipResult(job, cached, cached.length, from_cache=True)
+    result = compute_job(job, settings)
+    if result.features is not None:
+        save_cached(job.cache_path, result.features)
+    return result
+
+
+def compute_job(
+    job: ClipJob, settings: ExtractionSettings, audio: bytes | None = None
+) -> ClipResult:
+    """Both feature sets of one clip, decoded from its file, or from `audio` (the file's bytes,
+    read elsewhere) when given; a clip that cannot be used is returned with its reason."""
     try:
-        waveform, file_rate = decode_mono(job.audio_path, name=job.label)
+        waveform, file_rate = decode_mono(job.audio_path if audio is None else audio, job.label)
         extracted = extract_sets(
             waveform,
             file_rate,
@@ -94,7 +106,6 @@ def extract_job(job: ClipJob, settings: ExtractionSettings) -> ClipResult:
         if not message.startswith(job.label):
             message = f"{job.label}: {message}"
         return ClipResult(job, None, error=message)
-    save_cached(job.cache_path, extracted)
     return ClipResult(job, extracted, extracted.length)
 
 
@@ -123,8 +134,13 @@ def _end_with_parent(parent: int) -> None:
 
 def _worker_init(embeds: bool, parent: int) -> None:
     _end_with_parent(parent)
-    # One process per core already uses every core: BLAS and TensorFlow threads inside each
-    # would oversubscribe. TensorFlow's pools must be sized before its first op.
+    limit_threads(embeds)
+
+
+def limit_threads(embeds: bool) -> None:
+    """One thread per worker process: one process per core already uses every core, BLAS and
+    TensorFlow threads inside each would oversubscribe. Call it before TensorFlow's first op
+    (its pools are sized then)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)

@@ -96,15 +96,26 @@ def study_name(settings: StudySettings, data: TrainingData) -> str:
     return f"{key}-{data.label}-{hashlib.sha256(payload).hexdigest()[:12]}"
 
 
+def study_storage(settings: StudySettings, root: Path | None) -> Any:
+    """The family's storage: an RDB URL (OPTUNA_STORAGE, else train.optuna_storage), else its
+    journal file under `root`'s store (tracking.optuna_storage). Both pickle, for Ray tasks."""
+    return tracking.optuna_storage(settings.family, root, settings.train.optuna_storage)
+
+
 def open_study(
-    settings: StudySettings, name: str, root: Path, worker: int = 0, create: bool = True
+    settings: StudySettings,
+    name: str,
+    root: Path | None,
+    worker: int = 0,
+    create: bool = True,
+    storage: Any = None,
 ) -> Any:
-    """Study `name` in the family's storage, created if `create` (else it must exist). Each
-    worker samples from its own seeded stream (`train.seed + worker`), or parallel workers would
-    repeat trials; the median pruner follows `train.pruner`."""
+    """Study `name` in `storage` (default: `study_storage`), created if `create` (else it must
+    exist). Each worker samples from its own seeded stream (`train.seed + worker`), or parallel
+    workers would repeat trials; the median pruner follows `train.pruner`."""
     import optuna
 
-    storage = tracking.optuna_storage(settings.family, root, settings.train.optuna_storage)
+    storage = storage or study_storage(settings, root)
     sampler = optuna.samplers.TPESampler(seed=settings.train.seed + worker)
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=settings.train.pruner.n_startup_trials,

@@ -1,7 +1,8 @@
 """Several processes working on one study: the stage starts `resources.train.workers` processes
 (`gtzan-mlops train --join`) that share its study through the storage and its parent MLflow run,
-and a worker started by hand (on another machine) joins the same way. Each samples from its own
-seeded stream; the study stops them all once it holds `n_trials` finished trials."""
+or as many Ray tasks with `resources.engine: ray` (ray_workers.py), and a worker started by hand
+(on another machine) joins the same way. Each samples from its own seeded stream; the study stops
+them all once it holds `n_trials` finished trials."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gtzan_mlops.cluster import RaySession
+from gtzan_mlops.models.ray_workers import WorkerError, run_on_ray
 from gtzan_mlops.models.study import StudySettings, open_study, recorded_parent_run
 from gtzan_mlops.models.training_data import TrainingData
 from gtzan_mlops.models.trials import optimise
@@ -25,7 +28,8 @@ def start_workers(
 ) -> list[subprocess.Popen]:
     """`settings.workers` processes joining study `name` (each `gtzan-mlops train --join`),
     reading the same params (`stage_arguments`: --params and --set of this command) and running
-    to the same `n_trials`."""
+    to the same `n_trials` (a --set of its own: the stage's may come from settings built in
+    code, not from a command line)."""
     processes = []
     for worker in range(1, settings.workers + 1):
         command = [
@@ -42,9 +46,9 @@ def start_workers(
             name,
             "--worker",
             str(worker),
-            "--n-trials",
-            str(settings.tuning.n_trials),
             *stage_arguments,
+            "--set",
+            f"train.{settings.family}.n_trials={settings.tuning.n_trials}",
         ]
         processes.append(subprocess.Popen(command, cwd=root))
     return processes
@@ -58,16 +62,28 @@ def run_trials(
     tags: dict,
     root: Path,
     stage_arguments: list[str],
+    cluster: RaySession | None = None,
 ) -> None:
-    """The study's trials: in worker processes when `resources.train.workers` is above one
-    (waiting for them all), else in this process."""
+    """The study's trials: in Ray tasks when the stage runs on a `cluster` (see
+    ray_workers.tuning_cluster), else in worker processes when `resources.train.workers` is above
+    one (waiting for them all), else in this process."""
+    if cluster is not None:
+        run_on_ray(study, settings, data, parent_run_id, tags, root)
+        return
     if settings.workers <= 1:
         optimise(study, settings, data, parent_run_id, tags)
         return
     processes = start_workers(settings, data.feature_set, study.study_name, root, stage_arguments)
-    failed = [process.args for process in processes if process.wait() != 0]
+    codes = {worker: process.wait() for worker, process in enumerate(processes, start=1)}
+    failed = {worker: code for worker, code in codes.items() if code != 0}
     if failed:
-        raise RuntimeError(f"{len(failed)} Optuna worker(s) failed: {failed}")
+        statuses = ", ".join(
+            f"worker {worker} exit status {code}" for worker, code in failed.items()
+        )
+        raise WorkerError(
+            f"train {settings.family}: Optuna worker processes failed ({statuses}; their output "
+            "is above); the finished trials are kept, rerun to go on"
+        )
 
 
 def join_study(

@@ -9,6 +9,7 @@ protocol of the source study's own numbers, and the families' names for people.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,20 +178,15 @@ def gap_paragraph(table: pd.DataFrame) -> list[str]:
 
 
 def command_line(page: ReproductionPage) -> str:
-    """The command that writes this report again."""
-    parts = [
-        "gtzan-mlops report",
-        f"--reference-table {page.reference_table}",
-        f"--segments-table {page.segments_table}",
-    ]
+    """The command that writes this report again: its `report` settings as --set options."""
+    chosen = {"reference_table": page.reference_table, "segments_table": page.segments_table}
     if page.lists_source:
-        parts.append(f"--lists-dir {page.lists_source}")
-    parts += [
-        "--families " + " ".join(page.families),
-        "--seeds " + " ".join(map(str, page.seeds)),
-        f"--output-dir {page.output_dir}",
-    ]
-    return " ".join(parts)
+        chosen["lists_dir"] = page.lists_source
+    chosen["families"] = f"[{', '.join(page.families)}]"
+    chosen["seeds"] = f"[{', '.join(map(str, page.seeds))}]"
+    chosen["output_dir"] = page.output_dir
+    options = [f"--set {shlex.quote(f'report.{key}={value}')}" for key, value in chosen.items()]
+    return " ".join(["gtzan-mlops report", *options])
 
 
 def render_markdown(page: ReproductionPage) -> str:

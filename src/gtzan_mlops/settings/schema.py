@@ -416,6 +416,7 @@ class FeatureResources(Section):
 
 
 class ServeResources(Section):
+    processes: Positive
     malloc_arena_max: Positive
     malloc_mmap_threshold_kib: Positive
 

@@ -4,7 +4,8 @@ GTZAN holds exact and near repetitions of recordings under different track ids (
 GTZAN dataset", 2013), and folders users add hold re-encoded, gain-changed or trimmed copies.
 A split that knows songs only by their id puts such copies on both sides. This stage finds them
 (data/duplicates.py): identical decoded samples, or Chromaprint fingerprints agreeing on at
-least `min_similarity` of their bits.
+least `min_similarity` of their bits, compared only where an inverted index of fingerprint
+sub-words finds a candidate pair (data/fingerprint_index.py), so it scales to many clips.
 
 Clips linked by a match form a duplicate group. Outputs: `data/duplicates.csv` (every usable clip
 of the manifest: its samples' sha256, fingerprint length and `duplicate_group`, empty when it

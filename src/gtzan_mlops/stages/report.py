@@ -20,9 +20,13 @@ models/reproduction.py and the Markdown from reports/reproduction.py. Models tra
 that is not test: nothing is tuned, Keras networks train exactly `epochs` epochs and XGBoost
 exactly `n_estimators` rounds. A protocol whose input is missing (no segment table, no listed
 clip in the reference table, lists that cannot be read or downloaded) is skipped and its reason
-printed and written into the report.
+printed and written into the report. The `report` settings choose the tables, the lists, the
+families, the seeds and the output folder; `--set` changes one for a run (paths relative to the
+repository root):
 
-Outputs in `report.output_dir` (default reports/reproduction):
+    gtzan-mlops report --set "report.families=[knn, svm]" --set "report.seeds=[0]"
+
+Outputs in `report.output_dir` (reports/reproduction in params.yaml):
 - `reproduction.csv`: tidy, one row per family, protocol and metric: family, protocol, split
   (its label; the leaky one says so), leaky, data, n_train, n_test (rows at the model's level:
   clips or segments), metric, mean, std (sample std over the seeds; empty with one seed),
@@ -39,21 +43,18 @@ Neither file holds a date or a timing: the same inputs and seeds give the same f
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from pydantic import ValidationError
 
 from gtzan_mlops.cli import stage_main
 from gtzan_mlops.evaluation import comparison
 from gtzan_mlops.evaluation.protocols import ProtocolInputs, prepare
 from gtzan_mlops.models.reproduction import StudyModels, run_protocols, versions
 from gtzan_mlops.reports.reproduction import ReproductionPage, display_path, render_markdown
-from gtzan_mlops.settings.loading import ConfigError, describe_errors, resolve_path
-from gtzan_mlops.settings.schema import Report as ReportSection
+from gtzan_mlops.settings.loading import ConfigError, resolve_path
 from gtzan_mlops.settings.schema import Settings
 
 log = logging.getLogger(__name__)
@@ -122,74 +123,10 @@ def run(settings: Settings, root: Path) -> Report:
     return Report(table, markdown, skipped, csv_path, markdown_path)
 
 
-def _names(values: list[str]) -> list[str]:
-    """`a b,c` -> [a, b, c]: families given space- or comma-separated."""
-    return [name for value in values for name in value.split(",") if name]
-
-
-def _absolute(path: str | None) -> str | None:
-    return str(Path(path).expanduser().resolve()) if path else None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--reference-table",
-        default=None,
-        help="30 s table of all GTZAN clips (default: report.reference_table, else "
-        "paths.features/features_30_sec.csv)",
-    )
-    parser.add_argument(
-        "--segments-table",
-        default=None,
-        help="3 s segment table (default: report.segments_table, else "
-        "paths.features/features_3_sec.csv)",
-    )
-    parser.add_argument(
-        "--lists-dir",
-        default=None,
-        help="folder with {train,valid,test}_filtered.txt (default: report.lists_dir, else "
-        "split.artist_filtered.lists_dir, else downloaded)",
-    )
-    parser.add_argument(
-        "--families", nargs="+", default=None, help="families to run (default: train.families)"
-    )
-    parser.add_argument(
-        "--seeds", nargs="+", type=int, default=None, help="seeds (default: report.seeds)"
-    )
-    parser.add_argument("--output-dir", default=None, help="default: report.output_dir")
-
-
-def with_options(settings: Settings, args: argparse.Namespace) -> Settings:
-    """`settings` with the command line's options over the `report` section, validated as
-    params.yaml's are. Paths on the command line are relative to the working directory; in
-    params.yaml, to the repository root."""
-    overrides = {
-        "reference_table": _absolute(args.reference_table),
-        "segments_table": _absolute(args.segments_table),
-        "lists_dir": _absolute(args.lists_dir),
-        "families": _names(args.families) if args.families else None,
-        "seeds": args.seeds,
-        "output_dir": _absolute(args.output_dir),
-    }
-    chosen = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        report = ReportSection.model_validate({**settings.report.model_dump(), **chosen})
-    except ValidationError as error:
-        raise ConfigError(describe_errors(error, "command-line options")) from None
-    return settings.model_copy(update={"report": report})
-
-
-def run_command(settings: Settings, root: Path, args: argparse.Namespace) -> Report:
-    """`run` with the command line's options over the `report` section."""
-    return run(with_options(settings, args), root)
-
-
 def describe(report: Report) -> str:
     skipped = [f"skipped {name}: {reason}" for name, reason in report.skipped.items()]
     return "\n".join([*skipped, f"wrote {report.csv_path} and {report.markdown_path}"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        "report", __doc__, run_command, argv, describe=describe, arguments=add_arguments
-    )
+    return stage_main("report", __doc__, run, argv, describe=describe)

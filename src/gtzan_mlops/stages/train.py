@@ -1,6 +1,7 @@
 """The `train` stage of one model family: an Optuna study, every trial a nested MLflow run.
 
-    gtzan-mlops train --family xgboost [--features both] [--n-trials N] [--workers N]
+    gtzan-mlops train --family xgboost [--features both] [--set train.xgboost.n_trials=N]
+        [--set resources.train.workers=N]
     gtzan-mlops train --family xgboost --join        # one more worker for a running stage
 
 A model is a family on a feature set (`handcrafted`, `musicnn` or `both`): its name
@@ -17,7 +18,8 @@ Each step is a library module of `gtzan_mlops.models`:
    several processes can share it, named after everything that decides its trials, so a rerun
    finishes it and raising `n_trials` extends it. MLflow: one parent run per study
    (`train-<family> [<split label>]`, reused on resume) and one nested run per trial.
-3. workers: with `resources.train.workers` above one, worker processes (`--join`) run the trials.
+3. workers: with `resources.train.workers` above one, worker processes (`--join`) run the trials;
+   with `resources.engine: ray`, that many Ray tasks (ray_workers) on a local Ray or a cluster.
 4. selection_score: the selection score (params `selection`) evaluate chooses the winner by, on
    the valid subset or cross-validated on train+valid, never on the test rows.
 5. refit: the best trial refit (on `train.refit_on`, for the epochs/rounds its early stopping
@@ -53,6 +55,7 @@ from gtzan_mlops.models.outputs import (
     write_outputs,
     write_reports,
 )
+from gtzan_mlops.models.ray_workers import WorkerError, tuning_cluster
 from gtzan_mlops.models.refit import refit_best
 from gtzan_mlops.models.selection_score import check_folds, selection_score
 from gtzan_mlops.models.study import (
@@ -68,23 +71,10 @@ from gtzan_mlops.models.study import (
 )
 from gtzan_mlops.models.training_data import load_training_data
 from gtzan_mlops.models.workers import join_study, run_trials
-from gtzan_mlops.settings.loading import PARAMS_FILE, validate_settings
+from gtzan_mlops.settings.loading import PARAMS_FILE
 from gtzan_mlops.settings.schema import Settings
 
 log = logging.getLogger(__name__)
-
-
-def with_options(settings: Settings, family: str, *, n_trials: int, workers: int) -> Settings:
-    """`settings` with the command's --n-trials (`train.<family>.n_trials`) and --workers
-    (`resources.train.workers`), each 0 for params' own; validated like params.yaml."""
-    if not (n_trials or workers):
-        return settings
-    changed = settings.model_dump(mode="python", exclude_unset=True)
-    if n_trials:
-        changed["train"][family]["n_trials"] = n_trials
-    if workers:
-        changed["resources"]["train"]["workers"] = workers
-    return validate_settings(changed, "--n-trials/--workers")
 
 
 def _start(root: Path) -> None:
@@ -106,24 +96,26 @@ def run(
     `worker_arguments`, the --params and --set they read), refit the best trial, score it, log
     and write its outputs; returns its record."""
     study_settings = StudySettings.of(settings, family)
-    data = load_training_data(settings, root, feature_set)
-    check_folds(data, settings.selection)  # too few units fails now, not after the study
-    _start(root)
-    tags = run_tags(root, family, data)
-    name = study_name(study_settings, data)
-    study = open_study(study_settings, name, root)
-    enqueue_defaults(study, study_settings)
-    parent = parent_run(study, study_settings, data, tags)
-    log.info(
-        "%s: study %s, %d of %d trials done, parent run %s",
-        family,
-        name,
-        finished_trials(study),
-        study_settings.tuning.n_trials,
-        parent,
-    )
-    arguments = worker_arguments or ["--params", str(root / PARAMS_FILE)]
-    run_trials(study, study_settings, data, parent, tags, root, arguments)
+    # With resources.engine: ray, the stores and the cluster are checked before any work.
+    with tuning_cluster(settings.resources, study_settings, root) as cluster:
+        data = load_training_data(settings, root, feature_set)
+        check_folds(data, settings.selection)  # too few units fails now, not after the study
+        _start(root)
+        tags = run_tags(root, family, data)
+        name = study_name(study_settings, data)
+        study = open_study(study_settings, name, root)
+        enqueue_defaults(study, study_settings)
+        parent = parent_run(study, study_settings, data, tags)
+        log.info(
+            "%s: study %s, %d of %d trials done, parent run %s",
+            family,
+            name,
+            finished_trials(study),
+            study_settings.tuning.n_trials,
+            parent,
+        )
+        arguments = worker_arguments or ["--params", str(root / PARAMS_FILE)]
+        run_trials(study, study_settings, data, parent, tags, root, arguments, cluster)
     if not completed_any(study):
         raise EvaluationError(f"{family}: no trial of study {name} completed")
 
@@ -163,9 +155,6 @@ def join(
 
 def command(settings: Settings, root: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """`gtzan-mlops train`: the stage, or with --join one more worker for it."""
-    settings = with_options(
-        settings, args.family, n_trials=int(args.n_trials), workers=args.workers
-    )
     if args.join:
         join(settings, root, args.family, args.features, args.study_name, args.worker)
         return None
@@ -179,12 +168,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=feature_sets.HANDCRAFTED,
         choices=feature_sets.FEATURE_SETS,
         help="the feature set to train on (default: handcrafted)",
-    )
-    parser.add_argument(
-        "--n-trials", type=float, default=0, help="trials in the study (0: params' n_trials)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=0, help="Optuna worker processes (0: params' workers)"
     )
     parser.add_argument(
         "--join",
@@ -217,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         __doc__,
         command,
         argv,
-        errors=(EvaluationError, feature_sets.FeatureSetError),
+        errors=(EvaluationError, feature_sets.FeatureSetError, WorkerError),
         describe=describe,
         arguments=add_arguments,
     )
