@@ -201,6 +201,16 @@ def model_command(args: argparse.Namespace, *, reads_settings: bool = False) -> 
     return ModelCommand(args.model or champion_uri(settings.promote.model_name), settings, root)
 
 
+def model_load_failure(command: str, model_uri: str, error: BaseException) -> str:
+    """The one line a command that cannot load its model ends with: the first line of the
+    reason, and how to get a model."""
+    reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return (
+        f"gtzan-mlops {command}: cannot load the model {model_uri}: {reason} "
+        "(run `dvc repro` to train and promote a champion, or pass --model URI)"
+    )
+
+
 def stage_arguments(args: argparse.Namespace) -> list[str]:
     """The --params and --set options of a parsed stage command, to hand on to a sub-process."""
     forwarded = ["--params", str(params_file(args).resolve())]

@@ -295,3 +295,13 @@ def _check_package(address: str, purpose: str, nodes: list[str]) -> None:
                 f", at {identity['at']}), this driver {expected['version']} (source "
                 f"{expected['digest'][:12]}): {FIX_PACKAGE}"
             )
+
+
+def failure_line(error: BaseException) -> str:
+    """What Ray work failed of, on one line: the task's own exception when it raised one, else
+    Ray's error (e.g. its worker process or node died), as `Type: first line`."""
+    from ray.exceptions import RayTaskError
+
+    cause = (error.cause if isinstance(error, RayTaskError) else None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

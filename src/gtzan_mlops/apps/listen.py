@@ -31,6 +31,7 @@ from gtzan_mlops.cli import (
     add_model_arguments,
     command_parser,
     model_command,
+    model_load_failure,
     port_number,
 )
 from gtzan_mlops.settings.loading import ConfigError
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking.use_store(root)
         classifier = Classifier(uri, mlflow.pyfunc.load_model(uri))
     except Exception as error:  # any loading failure ends the command with its reason
-        print(f"gtzan-mlops listen: cannot load the model: {error}", file=sys.stderr)
+        print(model_load_failure("listen", uri, error), file=sys.stderr)
         return EXIT_USAGE
     print(f"gtzan-mlops listen: {uri} on http://{args.host}:{args.port}", flush=True)
     try:

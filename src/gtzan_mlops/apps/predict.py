@@ -23,6 +23,7 @@ from gtzan_mlops.cli import (
     add_model_arguments,
     command_parser,
     model_command,
+    model_load_failure,
     positive_integer,
 )
 from gtzan_mlops.serving.spec import (
@@ -163,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(model_uri, root)
     except Exception as error:  # any loading failure ends the command with its reason
-        print(
-            f"gtzan-mlops predict: cannot load the model {model_uri}: {error}\n"
-            "(run `dvc repro` to train and promote a champion, or pass --model URI)",
-            file=sys.stderr,
-        )
+        print(model_load_failure("predict", model_uri, error), file=sys.stderr)
         return EXIT_USAGE
 
     failed = 0

@@ -24,6 +24,7 @@ from gtzan_mlops.cli import (
     add_model_arguments,
     command_parser,
     model_command,
+    model_load_failure,
 )
 from gtzan_mlops.cluster import ClusterError, ray_session
 from gtzan_mlops.serving.catalog import CatalogError, fetch_model, list_catalog, score_catalog
@@ -75,11 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except CatalogError as error:
         return fail(error)
     except Exception as error:  # any loading failure ends the command with its reason
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        return fail(
-            f"cannot load the model {model_uri}: {reason} (run `dvc repro` to train and "
-            "promote a champion, or pass --model URI)"
-        )
+        print(model_load_failure(NAME, model_uri, error), file=sys.stderr)
+        return EXIT_USAGE
     try:
         with ray_session(settings.resources.ray.address, purpose=NAME) as session:
             run = score_catalog(

@@ -21,6 +21,7 @@ from gtzan_mlops.cli import (
     add_model_arguments,
     command_parser,
     model_command,
+    model_load_failure,
     port_number,
 )
 from gtzan_mlops.settings.loading import ConfigError
@@ -55,10 +56,8 @@ def build_served_app() -> Any:
     try:
         return build_app()
     except Exception as error:  # any loading failure ends the server with its reason
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         print(
-            f"gtzan-mlops serve: cannot load the model {os.environ[SERVED_MODEL_ENV]}: {reason} "
-            "(run `dvc repro` to train and promote a champion, or pass --model URI)",
+            model_load_failure("serve", os.environ[SERVED_MODEL_ENV], error),
             file=sys.stderr,
             flush=True,
         )

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gtzan_mlops.cluster import failure_line
 from gtzan_mlops.features import musicnn
 from gtzan_mlops.features.clip_cache import load_cached, save_cached
 from gtzan_mlops.features.extraction import ClipJob, ClipResult, compute_job, limit_threads
@@ -149,8 +150,7 @@ def _read_audio(job: ClipJob) -> bytes | None:
 
 
 def _died_twice(job: ClipJob, error: Exception) -> ClipResult:
-    lines = str(error).strip().splitlines()
-    detail = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")
+    detail = failure_line(error)
     return ClipResult(
         job,
         None,

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gtzan_mlops import tracking
-from gtzan_mlops.cluster import ClusterError, RaySession, ray_session
+from gtzan_mlops.cluster import ClusterError, RaySession, failure_line, ray_session
 from gtzan_mlops.models.study import StudySettings, open_study, study_storage
 from gtzan_mlops.models.training_data import TrainingData
 from gtzan_mlops.models.trials import optimise
@@ -130,16 +130,6 @@ def tune_on_node(
     return {"worker": stream, "node": node, "pid": os.getpid()}
 
 
-def failure_reason(error: Exception) -> str:
-    """What a Ray task failed of, on one line: the task's own exception when it raised one, else
-    Ray's error (e.g. its worker process or node died)."""
-    from ray.exceptions import RayTaskError
-
-    cause = (error.cause if isinstance(error, RayTaskError) else None) or error
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
-
-
 def _stop(workers: dict[Any, int]) -> None:
     """Interrupt the running workers (task ref -> worker): a KeyboardInterrupt in their trial,
     which Optuna records as failed and MLflow ends; kill those still running after
@@ -198,7 +188,7 @@ def run_on_ray(
             _stop(pending)
             raise WorkerError(
                 f"train {settings.family}: Optuna worker {worker} (a Ray task) failed: "
-                f"{failure_reason(error)}; the finished trials are kept, rerun to go on"
+                f"{failure_line(error)}; the finished trials are kept, rerun to go on"
             ) from error
         log.info("Optuna worker %d ran on node %s (pid %d)", worker, report["node"], report["pid"])
         reports.append(report)
