@@ -16,7 +16,6 @@ from gtzan_mlops.data import fingerprint_index
 from gtzan_mlops.data.fingerprint_index import (
     candidate_pairs,
     compare_pairs,
-    pair_similarity,
     shifts,
 )
 from gtzan_mlops.settings.schema import FingerprintIndex
@@ -40,7 +39,7 @@ def all_pair_matches(prints: list[np.ndarray]) -> set[tuple[int, int]]:
     return {(int(i), int(j)) for i, j in np.argwhere(np.triu(either, k=1))}
 
 
-def test_pair_similarity_is_the_all_pairs_product_for_one_pair():
+def test_one_pair_compares_as_the_all_pairs_product():
     prints, _ = synthetic_fingerprints(2, 1, 0.05)
     first, copy = prints[0], prints[2]
     bits = WINDOW * 32
@@ -49,7 +48,8 @@ def test_pair_similarity_is_the_all_pairs_product_for_one_pair():
         float(((signs(first[o : o + WINDOW])[None] @ starts.T + bits) / (2 * bits))[0, 0])
         for o in range(MAX_OFFSET + 1)
     )
-    assert pair_similarity(first, copy, WINDOW, MAX_OFFSET)[0] == expected
+    similarity, _ = compare_pairs([first, copy], np.array([[0, 1]]), WINDOW, MAX_OFFSET)
+    assert float(similarity[0, 0]) == expected
 
 
 def test_compare_pairs_gives_the_values_and_offsets_of_the_all_pairs_product():

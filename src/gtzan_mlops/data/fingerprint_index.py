@@ -223,16 +223,3 @@ def compare_pairs(
             similarity[start : start + len(batch), column] = scores[rows, best]
             offset[start : start + len(batch), column] = best
     return similarity, offset
-
-
-def pair_similarity(
-    first: np.ndarray, second: np.ndarray, window_items: int, max_offset_items: int
-) -> tuple[float, int, float, int]:
-    """(similarity, offset) of `second` starting `offset` items into `first`, then of `first`
-    into `second` (`compare_pairs` for one pair)."""
-    similarity, offset = compare_pairs(
-        [first, second], np.array([[0, 1]]), window_items, max_offset_items
-    )
-    return (
-        float(similarity[0, 0]), int(offset[0, 0]), float(similarity[0, 1]), int(offset[0, 1])
-    )  # fmt: skip
