@@ -14,6 +14,7 @@ The train stages are one row each in the measurements; the fits and the projecti
 dvc.yaml matrix (train@*, train_candidates@*) into one row.
 
     python benchmarks/growth_report.py growth.json
+    python benchmarks/growth_report.py growth-100.json growth-1000.json   # parts of one run
 """
 
 from __future__ import annotations
@@ -208,10 +209,28 @@ def print_report(figures: dict[str, Any]) -> None:
     print(table)
 
 
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures from the JSON of several `growth.py` runs on one machine (a long run
+    split by size, each part written when it ends): their commands joined, times summed."""
+    machines = {json.dumps(part["machine"], sort_keys=True) for part in parts}
+    if len(machines) > 1:
+        raise SystemExit("the parts were measured on different machines: report them apart")
+    return {
+        "command": "`; `".join(part["command"] for part in parts),
+        "machine": parts[0]["machine"],
+        "total_s": sum(part["total_s"] for part in parts),
+        "errors": [error for part in parts for error in part.get("errors", [])],
+        "measurements": [m for part in parts for m in part["measurements"]],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("figures", type=Path, help="the JSON of `growth.py --output`")
-    print_report(json.loads(parser.parse_args().figures.read_text()))
+    parser.add_argument(
+        "figures", type=Path, nargs="+", help="the JSON of `growth.py --output` (one or more runs)"
+    )
+    parts = [json.loads(path.read_text()) for path in parser.parse_args().figures]
+    print_report(merge(parts))
 
 
 if __name__ == "__main__":

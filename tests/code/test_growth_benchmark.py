@@ -149,3 +149,17 @@ def test_the_projection_divides_only_the_spread_stages_by_the_nodes():
     )
     assert rows["split"][2] == growth_report.duration(3)  # no growth measured: its fixed cost
     assert "no growth measured" in rows["split"][-1]
+
+
+def test_parts_of_one_run_merge_and_parts_from_two_machines_are_refused():
+    def part(command: str, clips: int, cores: int = 2) -> dict:
+        measurement = {"stage": "fetch", "clips": clips, "status": "ok", "wall_s": 1.0}
+        machine = {"cores": cores, "memory_gib": 23.5}
+        return {"command": command, "machine": machine, "total_s": 10.0, "errors": [],
+                "measurements": [measurement]}  # fmt: skip
+
+    merged = growth_report.merge([part("a", 100), part("b", 1000)])
+    assert merged["total_s"] == 20.0 and merged["command"] == "a`; `b"
+    assert [m["clips"] for m in merged["measurements"]] == [100, 1000]
+    with pytest.raises(SystemExit, match="different machines"):
+        growth_report.merge([part("a", 100), part("b", 1000, cores=4)])
