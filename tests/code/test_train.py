@@ -409,3 +409,25 @@ def test_ray_workers_on_a_local_ray_share_the_journal_and_record_every_trial_onc
     assert set(nested["tags.gtzan.worker"]) <= {"1", "2"}
     assert record["n_trials"] == len(trials)
     mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize(
+    ("source", "max_trials", "n_trials", "expected"),
+    [
+        ("demo", 3, 10, 3),  # the demo's own budget
+        ("demo", 3, 2, 2),  # a smaller family budget stays
+        ("demo", None, 10, 10),  # no demo budget: the family's
+        ("local", 3, 10, 10),  # real data: the family's budget, whatever the demo's
+        ("gtzan", 3, 10, 10),
+    ],
+)
+def test_the_demo_runs_at_most_its_own_trials_and_real_data_the_familys(
+    source, max_trials, n_trials, expected
+):
+    params = read_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    params["data"].update(source=source, local_dir="clips")
+    params["data"]["demo"]["max_trials"] = max_trials
+    params["train"]["knn"]["n_trials"] = n_trials
+    study = StudySettings.of(validate_settings(params), "knn")
+    assert study.tuning.n_trials == expected
+    assert params["train"]["knn"]["n_trials"] == n_trials  # the settings themselves unchanged

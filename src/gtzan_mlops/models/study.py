@@ -35,7 +35,8 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 @dataclass(frozen=True)
 class StudySettings:
     """What the study of one family runs with, from the typed settings: the family's section
-    (`train.<family>`: n_trials, defaults, space), the train section (seed, objective, refit_on,
+    (`train.<family>`: n_trials, defaults, space; on the demo set at most
+    `data.demo.max_trials` trials), the train section (seed, objective, refit_on,
     pruner, optuna_storage), the worker processes and the MLflow experiment."""
 
     family: str
@@ -48,9 +49,17 @@ class StudySettings:
     def of(cls, settings: Settings, family: str) -> StudySettings:
         if family not in zoo.FAMILIES:
             raise ConfigError(f"unknown family {family!r}; known: {', '.join(zoo.FAMILIES)}")
+        tuning: Tuning = getattr(settings.train, family)
+        cap = settings.data.demo.max_trials
+        if settings.data.source == "demo" and cap is not None and tuning.n_trials > cap:
+            log.info(
+                "%s: %d trials on the demo set, not train.%s.n_trials=%d (data.demo.max_trials)",
+                family, cap, family, tuning.n_trials,
+            )  # fmt: skip
+            tuning = tuning.model_copy(update={"n_trials": cap})
         return cls(
             family=family,
-            tuning=getattr(settings.train, family),
+            tuning=tuning,
             train=settings.train,
             workers=settings.resources.train.workers,
             experiment_name=settings.mlflow.experiment_name,

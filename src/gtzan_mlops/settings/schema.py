@@ -82,6 +82,7 @@ class DemoSource(Section):
     duration_s: Annotated[Float, Field(ge=0.01)]
     sample_rate: Annotated[Int, Field(ge=1000)]
     seed: Count
+    max_trials: Positive | None
 
 
 # The quality gates of a clip, in the pipeline (`data`) and the served model (ServedConfig) alike.
