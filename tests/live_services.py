@@ -306,7 +306,7 @@ def small_project(
             "split.group_duplicates": False,
             "evaluate.families": list(families),
             **{f"train.{family}.n_trials": n_trials for family in families},
-            "data.demo.max_trials": None,  # `n_trials` as given, on demo audio too
+            "train.demo_max_trials": None,  # `n_trials` as given, on demo audio too
             **QUICK_BUDGETS,
             **(updates or {}),
         },

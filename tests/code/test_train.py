@@ -426,7 +426,7 @@ def test_the_demo_runs_at_most_its_own_trials_and_real_data_the_familys(
 ):
     params = read_params(Path(__file__).resolve().parents[2] / "params.yaml")
     params["data"].update(source=source, local_dir="clips")
-    params["data"]["demo"]["max_trials"] = max_trials
+    params["train"]["demo_max_trials"] = max_trials
     params["train"]["knn"]["n_trials"] = n_trials
     study = StudySettings.of(validate_settings(params), "knn")
     assert study.tuning.n_trials == expected

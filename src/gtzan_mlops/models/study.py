@@ -36,7 +36,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 class StudySettings:
     """What the study of one family runs with, from the typed settings: the family's section
     (`train.<family>`: n_trials, defaults, space; on the demo set at most
-    `data.demo.max_trials` trials), the train section (seed, objective, refit_on,
+    `train.demo_max_trials` trials), the train section (seed, objective, refit_on,
     pruner, optuna_storage), the worker processes and the MLflow experiment."""
 
     family: str
@@ -50,10 +50,10 @@ class StudySettings:
         if family not in zoo.FAMILIES:
             raise ConfigError(f"unknown family {family!r}; known: {', '.join(zoo.FAMILIES)}")
         tuning: Tuning = getattr(settings.train, family)
-        cap = settings.data.demo.max_trials
+        cap = settings.train.demo_max_trials
         if settings.data.source == "demo" and cap is not None and tuning.n_trials > cap:
             log.info(
-                "%s: %d trials on the demo set, not train.%s.n_trials=%d (data.demo.max_trials)",
+                "%s: %d trials on the demo set, not train.%s.n_trials=%d (train.demo_max_trials)",
                 family, cap, family, tuning.n_trials,
             )  # fmt: skip
             tuning = tuning.model_copy(update={"n_trials": cap})

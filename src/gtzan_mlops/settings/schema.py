@@ -82,7 +82,6 @@ class DemoSource(Section):
     duration_s: Annotated[Float, Field(ge=0.01)]
     sample_rate: Annotated[Int, Field(ge=1000)]
     seed: Count
-    max_trials: Positive | None
 
 
 # The quality gates of a clip, in the pipeline (`data`) and the served model (ServedConfig) alike.
@@ -264,6 +263,7 @@ class Train(Section):
     refit_on: Literal["train", "train_valid"]
     optuna_storage: StrictStr | None
     pruner: Pruner
+    demo_max_trials: Positive | None
     naive_bayes: Tuning
     sgd: Tuning
     knn: Tuning
