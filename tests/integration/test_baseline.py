@@ -38,7 +38,7 @@ def test_a_fresh_clone_holds_the_demo_baseline(clone):
         assert (clone / name).is_file(), f"{name} is not committed: run make pipeline, commit it"
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     fetch = lock["stages"]["fetch"]["params"]["params.yaml"]
-    assert fetch["data.source"] == "demo"  # the baseline is the demo run `make pipeline` makes
+    assert fetch["data"]["source"] == "demo"  # the baseline is the demo run of `make pipeline`
 
 
 def test_dvc_exp_show_and_metrics_diff_compare_with_the_baseline(clone):
