@@ -242,6 +242,9 @@ def stage_main(
     add_stage_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Off a terminal, Keras hands its progress bars (ANSI and backspace frames, e.g. from MLflow's
+    # input-example check) to absl's logger at INFO: not for a log file.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         settings, root = stage_settings(args)
         result = run(settings, root, args) if arguments is not None else run(settings, root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -208,6 +209,14 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     assert len(trials) == len(families) + len(E2E_CANDIDATES) == len(real_parents)
     assert (runs["tags.git_commit"].str.len() >= 40).all()
     assert runs["tags.dvc.data_raw_md5"].notna().all()
+
+
+def test_a_log_off_a_terminal_holds_no_progress_bar_frames(pipeline):
+    """`dvc repro` with its output captured, as in CI or `make pipeline > log`: no library drew a
+    progress bar into it (carriage returns, backspaces, ANSI escape codes)."""
+    _, _, first, _ = pipeline
+    frames = [match.start() for match in re.finditer(r"[\r\b\x1b]", first)]
+    assert not frames, [first[max(0, at - 80) : at + 40] for at in frames[:3]]
 
 
 def test_the_demo_run_promoted_a_champion_that_passed_the_gate(pipeline):
