@@ -75,3 +75,15 @@ def test_the_baseline_was_made_by_todays_code_and_settings(clone):
         f"the committed baseline predates these changes {stale}: run `make pipeline` and commit "
         "dvc.lock, metrics/ and reports/"
     )
+
+
+def test_a_fresh_clones_repro_retrains_and_promotes_into_its_own_store(clone):
+    """The train records and promote's decision name runs in the MLflow store of the run that made
+    the baseline, which a clone does not have: they are not committed, so `dvc repro` in the clone
+    reruns every train stage, evaluate and promote, and its own store gets models and a champion."""
+    status = json.loads(_dvc(["status", "--json"], clone))
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    rerun = {name for name in lock["stages"] if name.startswith(("train", "evaluate", "promote"))}
+    assert len(rerun) > 2 and rerun <= set(status), sorted(rerun - set(status))
+    for ignored in ("data/train", "reports/promote", "metrics/promotion.json"):
+        assert not (clone / ignored).exists(), f"{ignored} is committed"
