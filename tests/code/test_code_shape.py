@@ -57,6 +57,22 @@ def test_every_data_path_of_dvc_yaml_comes_from_params_paths(repo_root):
     assert checked > 30
 
 
+def test_promote_alone_stays_out_of_dvcs_run_cache(repo_root):
+    """DVC's run-cache restores a stage's outputs instead of running it when its deps and params
+    match an earlier run. Right for the train stages (their records name runs that still exist),
+    wrong for promote, whose decision depends on who holds the alias now: back on params seen
+    before, a restored report would name an old champion and register nothing. DVC keeps a stage
+    with a persist output out of the run-cache (dvc/stage/cache.py, `_can_hash`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        stages = {stage.addressing: stage for stage in repo.index.stages}
+    persisting = sorted(
+        name for name, stage in stages.items() if any(o.persist for o in stage.outs)
+    )
+    assert persisting == ["promote"]
+
+
 def test_module_closure_follows_imports_inside_functions():
     closure = tracking.module_closure("stages.promote")
     # serving imports musicnn inside a function, and promote reaches serving
