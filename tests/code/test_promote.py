@@ -292,6 +292,9 @@ def test_registry_flow_promotes_only_what_beats_the_champion(
     assert _champion_version(client) == "1"
     kept = client.get_model_version(MODEL_NAME, "2")
     assert kept.tags["promotion"] == "not promoted" and "champion kept" in kept.description
+    # Kept out by the comparison: the gate, which can only stop a promotion, never played it.
+    assert worse["behaviour"] is None and "behaviour not measured" in worse["reason"]
+    assert not any(key.startswith("behaviour") for key in kept.tags)
     assert set(key_metrics(worse)["test_song_macro_f1"]) == {"value", "low", "high"}
 
     again = _promote("medium", registry, tmp_path, audio_clips)  # a rerun with the same winner

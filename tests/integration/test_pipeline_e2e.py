@@ -381,4 +381,5 @@ def test_a_worse_model_on_the_same_data_leaves_the_champion(pipeline):
     assert promotion["model"] == "fnn_simple-handcrafted"
     assert promotion["promoted"] is False and promotion["champion_version"] == 2
     assert promotion["comparison"]["difference"]["value"] < 0, promotion["reason"]
+    assert promotion["behaviour"] is None  # the gate runs only for a challenger it could stop
     assert promotion["version"] >= 3

@@ -1,5 +1,6 @@
-"""The challenger judged: scored as served on the current test clips, put through the behavioural
-gate, compared with the champion on the same clips, and the rule's decision (rule.py)."""
+"""The challenger judged: scored as served on the current test clips, compared with the champion on
+the same clips, put through the behavioural gate when that comparison would promote it, and the
+rule's decision (rule.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from gtzan_mlops.promotion.rule import (
     BehaviourResult,
     Comparison,
     Decision,
+    decide_on_the_clips,
     decide_promotion,
     leaked_clips,
 )
@@ -36,7 +38,11 @@ def judge(
 ) -> dict[str, Any]:
     """Score the challenger (and the champion, the model version `held_by` holds the alias) on
     the test clips as served, run the gate, and decide by the rule of `promote`; returns the
-    evidence and the Decision under "decision"."""
+    evidence and the Decision under "decision".
+
+    The gate plays every test clip to the challenger once per transform (six by default, three
+    times the plays of the comparison), and it can only stop a promotion: it runs only when the
+    comparison would promote. A challenger the champion keeps out has no behaviour (None)."""
     if not clips.test:
         reason = (
             "the split holds no clip wholly in its test set (a leaky segment split), so served "
@@ -45,7 +51,6 @@ def judge(
         return {"decision": Decision(False, reason, "no_test_clips"), "served": {}}
     ours = challenger.genres(clips.test)
     served = served_scores(clips, ours, uncertainty)
-    behaviour = check_behaviour(challenger, clips, ours, promote.behaviour)
     champion, absent_reason = load_champion(
         held_by, promote.model_name, promote.unloadable_champion, load_model
     )
@@ -57,16 +62,25 @@ def judge(
         leaked = leaked_clips(
             champion.training_clips, {clip.track_id: clip.samples_sha256 for clip in clips.test}
         )
-    decision = decide_promotion(
-        behaviour,
-        comparison,
-        promote.min_improvement,
-        promote.require_significant,
-        leaked=leaked or (),
-        same_classifier=champion is not None
+    rule_arguments: dict[str, Any] = {
+        "comparison": comparison,
+        "min_improvement": promote.min_improvement,
+        "require_significant": promote.require_significant,
+        "leaked": leaked or (),
+        "same_classifier": champion is not None
         and champion.version.tags.get("classifier_uri") == record["model_uri"],
         **({"no_champion_reason": absent_reason} if absent_reason else {}),
-    )
+    }
+    behaviour = None
+    decision = decide_on_the_clips(**rule_arguments)
+    if decision.promote:
+        behaviour = check_behaviour(challenger, clips, ours, promote.behaviour)
+        decision = decide_promotion(behaviour, **rule_arguments)
+    else:
+        decision = dataclasses.replace(
+            decision,
+            reason=f"{decision.reason} (behaviour not measured: it can only stop a promotion)",
+        )
     if champion is not None and leaked is None:
         decision = dataclasses.replace(
             decision,

@@ -15,6 +15,10 @@ The challenger takes the `champion` alias only when all of these hold:
    `require_significant`, the low end of its bootstrap interval is above 0 too. With no champion
    (or one that counts as absent because it cannot be loaded) this step passes.
 
+The gate is the costly part (each test clip played once per transform), and it can only turn a
+yes into a no: judgement.py measures it only when steps 2 and 3 would promote, so a challenger
+they keep out is reported on them, its behaviour not measured.
+
 The same classifier served by new code or settings is not a new model: it takes the alias when
 it does no worse on the same clips (the serving code changed on purpose).
 """
@@ -120,11 +124,32 @@ def decide_promotion(
     `comparison` is None when there is no champion to compare with (`no_champion_reason` says
     why); `leaked` lists the test clips the champion trained on.
     """
-    if min_improvement < 0:
-        raise ValueError("promote.min_improvement must not be negative")
     failure = behaviour_failure(behaviour)
     if failure:
         return Decision(False, f"{failure}; not promoted", "behaviour")
+    return decide_on_the_clips(
+        comparison,
+        min_improvement,
+        require_significant,
+        leaked,
+        same_classifier,
+        no_champion_reason,
+    )
+
+
+def decide_on_the_clips(
+    comparison: Comparison | None,
+    min_improvement: float,
+    require_significant: bool,
+    leaked: Sequence[str] | None = (),
+    same_classifier: bool = False,
+    no_champion_reason: str = "first model: there was no champion yet",
+) -> Decision:
+    """The rule without the behavioural gate (steps 2 and 3): what the comparison with the
+    champion on the same clips decides. The gate can only turn a yes into a no, so a no here is
+    the decision whatever the behaviour."""
+    if min_improvement < 0:
+        raise ValueError("promote.min_improvement must not be negative")
     if comparison is None:
         return Decision(True, no_champion_reason, "first")
     version = comparison.champion_version
