@@ -66,10 +66,9 @@ def test_promote_alone_stays_out_of_dvcs_run_cache(repo_root):
     from dvc.repo import Repo
 
     with Repo(str(repo_root)) as repo:
-        stages = {stage.addressing: stage for stage in repo.index.stages}
-    persisting = sorted(
-        name for name, stage in stages.items() if any(o.persist for o in stage.outs)
-    )
+        persisting = sorted(
+            stage.addressing for stage in repo.index.stages if any(o.persist for o in stage.outs)
+        )
     assert persisting == ["promote"]
 
 
