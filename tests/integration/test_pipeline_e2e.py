@@ -111,6 +111,9 @@ def pipeline(tmp_path_factory, repo_root, gtzan_mini):
             "train.families": E2E_FAMILIES,
             "evaluate.candidates": E2E_CANDIDATES,
             **QUICK_BUDGETS,
+            # One gain of the three: each transform is another play of every test clip, and
+            # each gain is the same wiring (tests/model/test_behaviour.py checks them all).
+            "promote.behaviour.gains_db": [-20.0],
             **{f"train.{family}.n_trials": 1 for family in E2E_FAMILIES},
         },
     )
@@ -200,7 +203,7 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     assert comparison["champion_version"] == "1" and comparison["difference"]["value"] > 0
     assert promotion["behaviour"]["passed"]
     assert set(promotion["behaviour"]["unchanged"]) == {
-        "gain_-6db", "gain_-12db", "gain_-20db", "shift_2s", "resample_44100hz_2ch", "mp3_128kbps"
+        "gain_-20db", "shift_2s", "resample_44100hz_2ch", "mp3_128kbps"
     }  # fmt: skip
     mlflow.set_tracking_uri(_store(repo))
     try:
