@@ -4,10 +4,11 @@ clips, in a fresh copy of the repository, and what DVC and MLflow users do next.
 Small budgets (a trial or two per family, few epochs and trees), so it checks the wiring of every
 stage rather than model quality: fetch lists 70 usable clips, features gives 70 clip rows and 700
 segment rows, every family trains, the real model takes the `champion` alias from the demo one
-(both played the real test clips), `predict` answers for a real clip with it, and a worse model
-on the same data leaves it there; a second `dvc repro` does nothing; a changed parameter reruns
-only the stages that read it; `dvc exp run -S` and the experiment queue log into the same MLflow
-store, tagged with the experiment's name; `dvc push`/`dvc pull` round-trip the audio and features.
+(both played the real test clips), the MLflow UI shows the runs, their trials and the champion,
+`predict` answers for a real clip with it, and a worse model on the same data leaves it there; a
+second `dvc repro` does nothing; a changed parameter reruns only the stages that read it; `dvc
+exp run -S` and the experiment queue log into the same MLflow store, tagged with the
+experiment's name; `dvc push`/`dvc pull` round-trip the audio and features.
 
 The demo run is the smallest pipeline that makes a champion (one family, on the hand-crafted
 features only, on 40 synthetic clips): every stage's wiring is checked on the real clips, and the
@@ -30,6 +31,7 @@ import pandas as pd
 import pytest
 import yaml
 from live_services import QUICK_BUDGETS, run_command, set_params
+from mlflow_ui_checks import show_ui
 
 # The module fixture runs `dvc repro` twice (demo set, then the 70 real clips): about 6 min on
 # 2 cores, which counts against the first test's timeout.
@@ -37,6 +39,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 E2E_FAMILIES = ["naive_bayes", "sgd", "fnn_simple", "xgboost"]
 E2E_CANDIDATES = ["fnn_simple", "xgboost"]  # trained on both feature sets too
+# Trials per study: two for the quick families the MLflow UI test unfolds, one elsewhere.
+E2E_TRIALS = {"naive_bayes": 2, "sgd": 2, "fnn_simple": 1, "xgboost": 1}
+UI_FAMILIES = ["naive_bayes", "sgd"]
 # The demo run's whole pipeline: one candidate family on the hand-crafted features alone (its
 # served model computes no musicnn embeddings, so the real run's comparison plays it cheaply).
 DEMO_PIPELINE = {
@@ -114,7 +119,7 @@ def pipeline(tmp_path_factory, repo_root, gtzan_mini):
             # One gain of the three: each transform is another play of every test clip, and
             # each gain is the same wiring (tests/model/test_behaviour.py checks them all).
             "promote.behaviour.gains_db": [-20.0],
-            **{f"train.{family}.n_trials": 1 for family in E2E_FAMILIES},
+            **{f"train.{family}.n_trials": E2E_TRIALS[family] for family in E2E_FAMILIES},
         },
     )
     # The copy's own remote, so the test never writes beside the developer's checkout.
@@ -230,10 +235,23 @@ def test_repro_runs_every_stage_on_the_real_clips(pipeline):
     } <= names
     assert {"evaluate [song-grouped]", "pca [30 s features]"} <= names
     trials = runs[runs["tags.mlflow.parentRunId"].isin(real_parents)]
-    # One trial each, in the same experiment as the parents.
-    assert len(trials) == len(families) + len(E2E_CANDIDATES) == len(real_parents)
+    # Each study's trials, in the same experiment as the parents.
+    assert len(real_parents) == len(families) + len(E2E_CANDIDATES)
+    assert len(trials) == sum(E2E_TRIALS.values()) + sum(E2E_TRIALS[f] for f in E2E_CANDIDATES)
     assert (runs["tags.git_commit"].str.len() >= 40).all()
     assert runs["tags.dvc.data_raw_md5"].notna().all()
+
+
+# Before the experiments below add runs of the same names to the store.
+@pytest.mark.network
+def test_the_mlflow_ui_shows_the_stages_trials_comparison_and_champion(
+    pipeline, repo_root, tmp_path, artifacts_dir
+):
+    """`make mlflow-ui` on the pipeline's store, in headless Chromium (tests/mlflow_ui_checks.py):
+    two classic baselines' training runs with their nested trials, compared side by side, and
+    the champion's alias on the registered model's page."""
+    repo, env, *_ = pipeline
+    show_ui(repo_root, repo, env, tmp_path, artifacts_dir, UI_FAMILIES)
 
 
 def test_a_log_off_a_terminal_holds_no_progress_bar_frames(pipeline):
@@ -343,11 +361,11 @@ def test_exp_run_of_a_search_space_reruns_only_that_family(pipeline):
 
 def test_queued_experiment_runs_in_a_temporary_copy_into_the_same_store(pipeline):
     """More trials continue the same study: the queued run's new trial, tagged with the
-    experiment, joins the first one under the stage's parent run, in the real repository's
+    experiment, joins the first ones under the stage's parent run, in the real repository's
     store (not the temporary copy's)."""
     repo, env, *_ = pipeline
     queue = ["dvc", "exp", "run", "--queue", "-n", "queued-nb", "-S"]
-    _run([*queue, "train.naive_bayes.n_trials=2"], repo, env)
+    _run([*queue, f"train.naive_bayes.n_trials={E2E_TRIALS['naive_bayes'] + 1}"], repo, env)
     _run(["dvc", "queue", "start"], repo, env)
     deadline = time.monotonic() + 600
     while "queued-nb" not in _run(["dvc", "exp", "ls", "--all-commits"], repo, env):
@@ -363,11 +381,11 @@ def test_queued_experiment_runs_in_a_temporary_copy_into_the_same_store(pipeline
     parent = runs[runs["run_id"] == record["run_id"]]
     assert parent["tags.mlflow.runName"].tolist() == [parent_name]
     queued = runs[runs["tags.dvc.exp_name"] == "queued-nb"]
-    assert "naive_bayes-handcrafted-trial-001" in set(queued["tags.mlflow.runName"])
+    added = E2E_TRIALS["naive_bayes"]
+    assert f"naive_bayes-handcrafted-trial-{added:03d}" in set(queued["tags.mlflow.runName"])
     trials = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
     assert sorted(trials["tags.mlflow.runName"]) == [
-        "naive_bayes-handcrafted-trial-000",
-        "naive_bayes-handcrafted-trial-001",
+        f"naive_bayes-handcrafted-trial-{number:03d}" for number in range(added + 1)
     ]
 
 

@@ -1,7 +1,9 @@
-"""The MLflow UI as a user sees it: the documented command (`make mlflow-ui`) serves the project's
-store, and headless Chromium shows the stage runs, the nested Optuna trials under each training
-run, two training runs side by side in the compare view with their shared metric, and the
-registered model with its `champion` alias. Screenshots go to test-artifacts/mlflow_ui_*.png."""
+"""The MLflow UI as a user sees it, in headless Chromium: the documented command (`make mlflow-ui`)
+serves the project's store; the runs page lists the stage runs with the nested Optuna trials
+folded under each training run and, unfolded, right under it; the compare view shows two training
+runs' shared metric, each value in its run's column; the registered model's page shows the
+`champion` alias. Used by tests/integration/test_pipeline_e2e.py on the store its pipeline made;
+screenshots go to test-artifacts/mlflow_ui_*.png."""
 
 from __future__ import annotations
 
@@ -9,21 +11,13 @@ import json
 import math
 import shlex
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import yaml
-from live_services import chromium_page, clean_env, mlflow_server, run_stage, small_project
-
-pytestmark = [pytest.mark.slow, pytest.mark.network]
+from live_services import chromium_page, mlflow_server
 
 PAGE_TIMEOUT_MS = 60_000  # a 2-core CI machine renders the React app slowly
-
-FAMILIES = ["knn", "logistic_regression"]  # cheap families: the UI is under test, not the models
-N_TRIALS = 3
-EXPERIMENT = "gtzan-genre"  # params mlflow.experiment_name
 # Logged by every training run, and first among their metrics, so the compare view shows it
 # without scrolling: rows scrolled into view there were read beside other rows' values.
 SHARED_METRIC = "best_valid_accuracy"
@@ -56,12 +50,6 @@ def documented_ui_options(repo_root: Path, project: Path) -> list[str]:
         at = options.index(flag)
         del options[at : at + 2]
     return options
-
-
-@pytest.fixture
-def browser_page(tmp_path: Path) -> Iterator:
-    with chromium_page(tmp_path, PAGE_TIMEOUT_MS) as page:
-        yield page
 
 
 def link(page, name: str):
@@ -123,6 +111,7 @@ def metric_row_values(page, metric: str) -> list[dict]:
 class Expected:
     """What the UI must show, read from the stages' outputs and the store (not from the UI)."""
 
+    experiment: str
     split_label: str
     parents: dict[str, str]  # family -> its training run's name
     trials: dict[str, list[str]]  # family -> names of its nested trial runs
@@ -130,30 +119,44 @@ class Expected:
     model_name: str
     champion: str  # the version the alias points at
 
+    @property
+    def families(self) -> list[str]:
+        return list(self.parents)
+
     @classmethod
-    def of(cls, project: Path) -> Expected:
+    def of(cls, project: Path, families: list[str]) -> Expected:
+        """From the train records of two of the project's families on the hand-crafted features,
+        and the MLflow store those records name."""
         import mlflow
 
         records = {
             family: json.loads((project / "data/train" / f"{family}-handcrafted.json").read_text())
-            for family in FAMILIES
+            for family in families
         }
-        split_label = records[FAMILIES[0]]["split"]["label"]
+        split_label = records[families[0]]["split"]["label"]
         client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
         params = yaml.safe_load((project / "params.yaml").read_text())
-        model_name = params.get("promote", {}).get("model_name", "gtzan-genre-classifier")
+        model_name = params["promote"]["model_name"]
+        trials = {}
+        for family in families:
+            parent = records[family]["run_id"]
+            nested = client.search_runs(
+                [client.get_run(parent).info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+            )
+            trials[family] = sorted(run.data.tags["mlflow.runName"] for run in nested)
+            assert trials[family], f"{family}: its training run has no nested trial runs"
         return cls(
+            experiment=params["mlflow"]["experiment_name"],
             split_label=split_label,
             parents={
                 family: f"train-{family} [handcrafted features, {split_label} split]"
-                for family in FAMILIES
+                for family in families
             },
-            trials={
-                f: [f"{f}-handcrafted-trial-{n:03d}" for n in range(N_TRIALS)] for f in FAMILIES
-            },
+            trials=trials,
             shared={
                 family: client.get_run(records[family]["run_id"]).data.metrics[SHARED_METRIC]
-                for family in FAMILIES
+                for family in families
             },
             model_name=model_name,
             champion=client.get_model_version_by_alias(model_name, "champion").version,
@@ -164,28 +167,30 @@ def check_runs_page(page, url: str, expected: Expected, shots: dict[str, Path]) 
     """Home -> the experiment -> its training runs: the stage runs are listed with their
     trials folded; unfolded, each training run has its trials, and only those, right under it,
     indented."""
-    parents, trials = expected.parents, expected.trials
+    parents, trials, families = expected.parents, expected.trials, expected.families
     page.goto(f"{url}/")
-    link(page, EXPERIMENT).click()
+    link(page, expected.experiment).click()
     link(page, "Training runs").click()
     close_assistant(page)
-    link(page, parents[FAMILIES[0]]).wait_for()
-    for name in [*parents.values(), f"evaluate [{expected.split_label}]"]:
+    link(page, parents[families[0]]).wait_for()
+    for name in parents.values():
         assert link(page, name).is_visible(), f"stage run {name} is not listed"
-    for family in FAMILIES:
+    # An evaluate run per pipeline run on that split (a store may hold several): the latest.
+    assert link(page, f"evaluate [{expected.split_label}]").first.is_visible(), "no evaluate run"
+    for family in families:
         assert link(page, trials[family][0]).count() == 0, "trials should be folded"
     page.screenshot(path=shots["runs"])
 
-    for family in FAMILIES:
+    for family in families:
         fold_button(page, parents[family]).click()
         link(page, trials[family][-1]).wait_for()
-    names = [name for family in FAMILIES for name in (parents[family], *trials[family])]
+    names = [name for family in families for name in (parents[family], *trials[family])]
     order = names_top_to_bottom(page, names)
     page.screenshot(path=shots["nested"])
-    for family in FAMILIES:
+    for family in families:
         at = [name for name, _, _ in order].index(parents[family])
         parent_x = order[at][1]
-        below = order[at + 1 : at + 1 + N_TRIALS]
+        below = order[at + 1 : at + 1 + len(trials[family])]
         assert sorted(name for name, _, _ in below) == trials[family], (
             f"the rows under {parents[family]} are {below}"
         )
@@ -195,17 +200,17 @@ def check_runs_page(page, url: str, expected: Expected, shots: dict[str, Path]) 
 def check_compare_view(page, expected: Expected, shots: dict[str, Path]) -> None:
     """On the runs page: select both training runs, compare them; the compare view shows the
     shared metric with each run's own value in its column."""
-    parents = expected.parents
+    parents, families = expected.parents, expected.families
     # Folded again first: selecting an unfolded run selects its trials too.
-    for family in FAMILIES:
+    for family in families:
         fold_button(page, parents[family]).click()
         link(page, expected.trials[family][-1]).wait_for(state="detached")
-    for family in FAMILIES:
+    for family in families:
         run_row(page, parents[family]).get_by_role("checkbox").first.check()
     page.get_by_role("button", name="Compare", exact=True).click()
     page.get_by_text("Comparing 2 Runs").wait_for()
     columns = {}  # where each run's column starts: its name in the run details
-    for family in FAMILIES:
+    for family in families:
         name = page.get_by_text(parents[family], exact=True)
         assert name.count() == 1 and name.is_visible(), f"{parents[family]} is not compared"
         columns[family] = name.bounding_box()["x"]
@@ -215,7 +220,7 @@ def check_compare_view(page, expected: Expected, shots: dict[str, Path]) -> None
     values = metric_row_values(page, SHARED_METRIC)
     page.screenshot(path=shots["compare"])
     assert len(values) == 2, f"{SHARED_METRIC} values in the compare view: {values}"
-    for family in FAMILIES:
+    for family in families:
         # The value in this run's column: the cell starting nearest to its name.
         cell = min(values, key=lambda cell: abs(cell["left"] - columns[family]))
         assert abs(cell["left"] - columns[family]) < 40, (values, columns)
@@ -261,26 +266,20 @@ def check_ui(page, url: str, expected: Expected, artifacts_dir: Path) -> None:
         assert shots[name].stat().st_size > 10_000, f"{shots[name]} looks empty"
 
 
-def test_mlflow_ui_shows_stages_trials_comparison_and_champion(
-    tmp_path, repo_root, artifacts_dir, browser_page
-):
-    # The pipeline's stages in a small project, into its default store (mlruns/mlflow.db).
-    # Songs spread wide enough that the families score differently (the compare view must
-    # show each run's own value).
-    # The promote stage plays the test clips' audio to the model: the project has made-up clips
-    # for it (its models learnt made-up features, so what they answer means nothing here).
-    project = small_project(
-        tmp_path / "project", repo_root, FAMILIES, N_TRIALS, song_spread=4.0, audio_seconds=8.0
-    )
-    env = clean_env()
-    for name in ("DVC_ROOT", "DVC_EXP_NAME"):
-        env.pop(name, None)
-    for family in FAMILIES:
-        run_stage(["train", "--family", family], project, env)
-    run_stage(["evaluate"], project, env)
-    run_stage(["promote"], project, env)
-    expected = Expected.of(project)
-
+def show_ui(
+    repo_root: Path,
+    project: Path,
+    env: dict[str, str],
+    tmp_path: Path,
+    artifacts_dir: Path,
+    families: list[str],
+) -> None:
+    """`make mlflow-ui`'s command on `project`'s store, checked in headless Chromium: the training
+    runs of `families` (two, each with its nested trials), their comparison and the champion."""
+    expected = Expected.of(project, families)
     options = documented_ui_options(repo_root, project)
-    with mlflow_server("ui", options, tmp_path / "mlflow-ui.log", env=env) as url:
-        check_ui(browser_page, url, expected, artifacts_dir)
+    with (
+        chromium_page(tmp_path, PAGE_TIMEOUT_MS) as page,
+        mlflow_server("ui", options, tmp_path / "mlflow-ui.log", env=env) as url,
+    ):
+        check_ui(page, url, expected, artifacts_dir)
