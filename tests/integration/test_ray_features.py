@@ -19,7 +19,7 @@ import soundfile
 import yaml
 from live_services import run_stage
 from project_params import project_params
-from ray_cluster import RayTestCluster, kill_worker_node, two_node_cluster
+from ray_cluster import RayTestCluster, kill_worker_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -94,55 +94,6 @@ def extracting_on(cluster: RayTestCluster, node: str) -> bool:
     return False
 
 
-# First in the file: its own cluster is stopped before the module's `ray_cluster` starts, so the
-# two never share this machine's cores.
-def test_a_node_killed_mid_run_loses_no_clip(tmp_path: Path, gtzan_mini: Path) -> None:
-    """Once a clip is done and another runs on the second node, that node dies (SIGKILL to
-    everything it runs). The stage ends on its own, in bounded time, every usable clip in the
-    tables or in failures.csv: Ray runs the lost tasks again on the head."""
-    genres = ["blues", "classical", "country", "disco", "hiphop", "metal", "pop", "reggae"]
-    project = clip_project(tmp_path / "project", gtzan_mini, genres, seconds=30)
-    cache = project / "data/features/cache"
-    with two_node_cluster(tmp_path) as cluster:
-        command = [sys.executable, "-m", "gtzan_mlops", "features", *on_ray(cluster)]
-        log = (tmp_path / "stage.log").open("w")
-        stage = subprocess.Popen(
-            [*command, "--params", str(project / "params.yaml")],
-            cwd=project,
-            env=cluster.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        started = time.monotonic()
-        try:
-            while not (any(cache.rglob("*.npz")) and extracting_on(cluster, "worker")):
-                assert stage.poll() is None, (tmp_path / "stage.log").read_text()
-                assert time.monotonic() - started < STAGE_TIMEOUT_S, "no clip done in time"
-                time.sleep(0.1)
-            done_before = len(list(cache.rglob("*.npz")))
-            kill_worker_node(cluster)
-            killed_at = time.monotonic() - started
-            status = stage.wait(timeout=STAGE_TIMEOUT_S)
-        finally:
-            if stage.poll() is None:
-                stage.kill()
-                stage.wait()
-            log.close()
-    output = (tmp_path / "stage.log").read_text()
-    print(
-        f"node killed at {killed_at:.1f} s with {done_before} of {len(genres)} clips done; "
-        f"stage ended at {time.monotonic() - started:.1f} s\n{output[-2000:]}"
-    )
-    assert status == 0, output
-    usable = {f"{genre}.00002" for genre in genres} | {CORRUPT}
-    clips = pd.read_csv(project / "data/features/features_30_sec.csv", dtype={"track_id": str})
-    failures = pd.read_csv(project / "data/features/failures.csv", dtype={"track_id": str})
-    in_tables, failed = set(clips["track_id"]), set(failures["track_id"])
-    assert in_tables | failed == usable
-    assert not in_tables & failed
-    assert CORRUPT in failed
-
-
 def test_the_ray_engine_writes_the_local_engines_tables(
     ray_cluster: RayTestCluster, tmp_path: Path, gtzan_mini: Path
 ) -> None:
@@ -170,3 +121,52 @@ def test_the_ray_engine_writes_the_local_engines_tables(
     failures = pd.read_csv(ray_project / "data/features/failures.csv")
     assert failures["track_id"].tolist() == [CORRUPT]
     assert failures.loc[0, "reason"].startswith(f"data/raw/genres/jazz/{CORRUPT}.wav: ")
+
+
+def test_a_node_killed_mid_run_loses_no_clip(
+    ray_cluster: RayTestCluster, tmp_path: Path, gtzan_mini: Path
+) -> None:
+    """Once a clip is done and another runs on the second node, that node dies (SIGKILL to
+    everything it runs). The stage ends on its own, in bounded time, every usable clip in the
+    tables or in failures.csv: Ray runs the lost tasks again on the head. Last in the module:
+    the cluster is down to its head afterwards."""
+    genres = ["blues", "classical", "country", "disco", "hiphop", "metal", "pop", "reggae"]
+    project = clip_project(tmp_path / "project", gtzan_mini, genres, seconds=30)
+    cache = project / "data/features/cache"
+    command = [sys.executable, "-m", "gtzan_mlops", "features", *on_ray(ray_cluster)]
+    log = (tmp_path / "stage.log").open("w")
+    stage = subprocess.Popen(
+        [*command, "--params", str(project / "params.yaml")],
+        cwd=project,
+        env=ray_cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    started = time.monotonic()
+    try:
+        while not (any(cache.rglob("*.npz")) and extracting_on(ray_cluster, "worker")):
+            assert stage.poll() is None, (tmp_path / "stage.log").read_text()
+            assert time.monotonic() - started < STAGE_TIMEOUT_S, "no clip done in time"
+            time.sleep(0.1)
+        done_before = len(list(cache.rglob("*.npz")))
+        kill_worker_node(ray_cluster)
+        killed_at = time.monotonic() - started
+        status = stage.wait(timeout=STAGE_TIMEOUT_S)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
+        log.close()
+    output = (tmp_path / "stage.log").read_text()
+    print(
+        f"node killed at {killed_at:.1f} s with {done_before} of {len(genres)} clips done; "
+        f"stage ended at {time.monotonic() - started:.1f} s\n{output[-2000:]}"
+    )
+    assert status == 0, output
+    usable = {f"{genre}.00002" for genre in genres} | {CORRUPT}
+    clips = pd.read_csv(project / "data/features/features_30_sec.csv", dtype={"track_id": str})
+    failures = pd.read_csv(project / "data/features/failures.csv", dtype={"track_id": str})
+    in_tables, failed = set(clips["track_id"]), set(failures["track_id"])
+    assert in_tables | failed == usable
+    assert not in_tables & failed
+    assert CORRUPT in failed

@@ -25,7 +25,7 @@ from live_services import (
     small_project,
     stop_process,
 )
-from ray_cluster import RayTestCluster, kill_worker_node, two_node_cluster
+from ray_cluster import RayTestCluster, kill_worker_node
 
 from gtzan_mlops import tracking
 
@@ -288,41 +288,40 @@ def test_a_failing_worker_ends_the_stage_with_one_line_naming_it(
 
 
 def test_a_node_dying_mid_study_ends_the_stage_naming_its_worker(
-    servers: Servers, tmp_path: Path, repo_root: Path
+    ray_cluster: RayTestCluster, servers: Servers, tmp_path: Path, repo_root: Path
 ) -> None:
-    """The second node of a cluster of its own is killed while both workers run trials of a long
-    study: the stage does not wait for the lost task, it ends with one line naming the worker
-    and what happened to it, and stops the other worker."""
+    """The second node is killed while both workers run trials of a long study: the stage does
+    not wait for the lost task, it ends with one line naming the worker and what happened to
+    it, and stops the other worker. Last in the module: the cluster is down to its head
+    afterwards."""
 
     storage = f"{servers.postgres}/optuna_node_death"
     project = small_project(tmp_path / "ray", repo_root, ["knn"], 1000)
-    (tmp_path / "cluster").mkdir()
-    with two_node_cluster(tmp_path / "cluster") as cluster:
-        command = [sys.executable, "-m", "gtzan_mlops", "train", "--family", "knn"]
-        command += [*on_ray(cluster, 2), "--params", str(project / "params.yaml")]
-        stage = subprocess.Popen(
-            command,
-            cwd=project,
-            env=ray_env(cluster, servers, "optuna_node_death"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            # The workers well under way: a few trials complete.
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and stage.poll() is None:
-                if completed(storage) >= 4:
-                    break
-                time.sleep(0.5)
-            assert stage.poll() is None, stage.communicate()
-            killed = time.monotonic()
-            kill_worker_node(cluster)
-            _, stderr = stage.communicate(timeout=180)
-            print(f"the stage ended {time.monotonic() - killed:.1f} s after the node was killed")
-        finally:
-            stop_process(stage)
+    command = [sys.executable, "-m", "gtzan_mlops", "train", "--family", "knn"]
+    command += [*on_ray(ray_cluster, 2), "--params", str(project / "params.yaml")]
+    stage = subprocess.Popen(
+        command,
+        cwd=project,
+        env=ray_env(ray_cluster, servers, "optuna_node_death"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        # The workers well under way: a few trials complete.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and stage.poll() is None:
+            if completed(storage) >= 4:
+                break
+            time.sleep(0.5)
+        assert stage.poll() is None, stage.communicate()
+        killed = time.monotonic()
+        kill_worker_node(ray_cluster)
+        _, stderr = stage.communicate(timeout=180)
+        print(f"the stage ended {time.monotonic() - killed:.1f} s after the node was killed")
+    finally:
+        stop_process(stage)
     last = stderr.strip().splitlines()[-1]
     print(last)
     assert stage.returncode == 1, stderr[-3000:]
