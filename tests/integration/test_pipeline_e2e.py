@@ -41,6 +41,7 @@ E2E_FAMILIES = ["naive_bayes", "sgd", "fnn_simple", "xgboost"]
 E2E_CANDIDATES = ["fnn_simple", "xgboost"]  # trained on both feature sets too
 # Trials per study: two for the quick families the MLflow UI test unfolds, one elsewhere.
 E2E_TRIALS = {"naive_bayes": 2, "sgd": 2, "fnn_simple": 1, "xgboost": 1}
+# Trained on the real clips only (the demo run trains xgboost): their runs' names are unique.
 UI_FAMILIES = ["naive_bayes", "sgd"]
 # The demo run's whole pipeline: one candidate family on the hand-crafted features alone (its
 # served model computes no musicnn embeddings, so the real run's comparison plays it cheaply).
