@@ -33,7 +33,7 @@ import yaml
 from live_services import QUICK_BUDGETS, run_command, set_params
 from mlflow_ui_checks import show_ui
 
-# The module fixture runs `dvc repro` twice (demo set, then the 70 real clips): about 6 min on
+# The module fixture runs `dvc repro` twice (demo set, then the 70 real clips): 6 to 8 min on
 # 2 cores, which counts against the first test's timeout.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
