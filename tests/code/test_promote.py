@@ -42,7 +42,12 @@ from gtzan_mlops.promotion.registry import (
     key_metrics,
     promote_winner,
 )
-from gtzan_mlops.promotion.rule import BehaviourResult, Comparison, decide_promotion
+from gtzan_mlops.promotion.rule import (
+    BehaviourResult,
+    Comparison,
+    apply_gate,
+    decide_on_the_clips,
+)
 from gtzan_mlops.promotion.served_evaluation import Clip, SplitClips, clips_digest
 from gtzan_mlops.settings.loading import load_settings, read_params, validate_settings
 from gtzan_mlops.settings.schema import Selection, Uncertainty
@@ -71,12 +76,19 @@ def _comparison(difference: float, low: float, high: float) -> Comparison:
 
 
 def test_first_model_is_promoted_if_it_passes_the_gate():
-    decision = decide_promotion(PASSED, None, 0.0, False)
+    first = decide_on_the_clips(None, 0.0, False)
+    decision = apply_gate(PASSED, first)
     assert decision.promote and decision.rule == "first" and "no champion" in decision.reason
     failing = BehaviourResult(0.9, {"gain_-20db": 0.5, "mp3_128kbps": 1.0}, {"gain_-20db": "-20"})
-    decision = decide_promotion(failing, None, 0.0, False)
+    decision = apply_gate(failing, first)
     assert not decision.promote and decision.rule == "behaviour"
     assert "-20 0.50" in decision.reason and "mp3" not in decision.reason
+
+
+def test_the_gate_leaves_a_decision_not_to_promote_as_it_is():
+    worse = decide_on_the_clips(_comparison(-0.1, -0.2, 0.0), 0.0, False)
+    failing = BehaviourResult(0.9, {"gain_-20db": 0.5})
+    assert apply_gate(failing, worse) == worse and worse.rule == "improvement"
 
 
 @pytest.mark.parametrize(
@@ -92,9 +104,7 @@ def test_first_model_is_promoted_if_it_passes_the_gate():
     ],
 )
 def test_the_paired_difference_decides(difference, low, min_improvement, significant, promoted):
-    decision = decide_promotion(
-        PASSED, _comparison(difference, low, 0.3), min_improvement, significant
-    )
+    decision = decide_on_the_clips(_comparison(difference, low, 0.3), min_improvement, significant)
     assert decision.promote is promoted
     assert decision.rule == "improvement"
     assert "version 3" in decision.reason and "same test clips" in decision.reason
@@ -103,15 +113,15 @@ def test_the_paired_difference_decides(difference, low, min_improvement, signifi
 
 
 def test_a_leaked_or_worse_serving_of_the_same_classifier_is_not_promoted():
-    leaked = decide_promotion(PASSED, _comparison(0.3, 0.2, 0.4), 0.0, False, leaked=["a", "b"])
+    leaked = decide_on_the_clips(_comparison(0.3, 0.2, 0.4), 0.0, False, leaked=["a", "b"])
     assert not leaked.promote and leaked.rule == "leakage"
     assert "trained on 2 of the current test clips (a, b)" in leaked.reason
-    same = decide_promotion(PASSED, _comparison(0.0, 0.0, 0.0), 0.0, False, same_classifier=True)
+    same = decide_on_the_clips(_comparison(0.0, 0.0, 0.0), 0.0, False, same_classifier=True)
     assert same.promote and same.rule == "same_classifier"
-    worse = decide_promotion(PASSED, _comparison(-0.1, -0.2, 0.0), 0.0, False, same_classifier=True)
+    worse = decide_on_the_clips(_comparison(-0.1, -0.2, 0.0), 0.0, False, same_classifier=True)
     assert not worse.promote
     with pytest.raises(ValueError, match="min_improvement"):
-        decide_promotion(PASSED, None, -0.1, False)
+        decide_on_the_clips(None, -0.1, False)
 
 
 # --- the registry flow, with audio --------------------------------------------------------------

@@ -431,3 +431,39 @@ def test_the_demo_runs_at_most_its_own_trials_and_real_data_the_familys(
     study = StudySettings.of(validate_settings(params), "knn")
     assert study.tuning.n_trials == expected
     assert params["train"]["knn"]["n_trials"] == n_trials  # the settings themselves unchanged
+
+
+@pytest.mark.parametrize(
+    ("source", "max_epochs", "epochs", "expected"),
+    [
+        ("demo", 20, 100, 20),  # the demo's own budget
+        ("demo", 20, 8, 8),  # fewer epochs in the family's space stay
+        (
+            "demo",
+            20,
+            {"type": "int", "low": 10, "high": 50},
+            {"type": "int", "low": 10, "high": 20},
+        ),
+        (
+            "demo",
+            20,
+            {"type": "int", "low": 30, "high": 50},
+            {"type": "int", "low": 20, "high": 20},
+        ),
+        ("demo", None, 100, 100),  # no demo budget: the family's
+        ("local", 20, 100, 100),  # real data: the family's budget, whatever the demo's
+    ],
+)
+def test_the_demo_trains_at_most_its_own_epochs_and_real_data_the_familys(
+    source, max_epochs, epochs, expected
+):
+    params = read_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    params["data"].update(source=source, local_dir="clips")
+    params["train"]["demo_max_epochs"] = max_epochs
+    params["train"]["fnn_simple"]["space"]["epochs"] = epochs
+    study = StudySettings.of(validate_settings(params), "fnn_simple")
+    written = study.tuning.model_dump(mode="python", exclude_unset=True)
+    assert written["space"]["epochs"] == expected  # what the study's name is made of
+    assert params["train"]["fnn_simple"]["space"]["epochs"] == epochs  # the settings unchanged
+    knn = StudySettings.of(validate_settings(params), "knn")  # a family without epochs
+    assert knn.tuning.space == validate_settings(params).train.knn.space

@@ -269,6 +269,15 @@ class MusicnnEmbedder:
         self.batch_size = batch_size
         self.model = build_model()
         load_checkpoint(self.model, folder)
+        tf = import_tensorflow()
+        # One graph for every batch size (traced once, about 0.4 s): an eager call dispatches
+        # the network's ops one by one from Python, which made a clip's ten patches take 0.33 s
+        # instead of 0.21 s on 2 cores, with the same numbers to the last bit.
+        self._forward = tf.function(
+            lambda batch: self.model(batch, training=False),
+            input_signature=[tf.TensorSpec([None, PATCH_FRAMES, N_MELS], tf.float32)],
+            autograph=False,
+        )
 
     def embed_patches(self, patches: np.ndarray) -> SegmentEmbeddings:
         """Embeddings and tag probabilities of (n, 187, 96) log-mel patches."""
@@ -277,7 +286,7 @@ class MusicnnEmbedder:
         embeddings, tags = [], []
         for start in range(0, len(patches), self.batch_size):
             batch = np.ascontiguousarray(patches[start : start + self.batch_size], np.float32)
-            embedding, logits = self.model(batch, training=False)
+            embedding, logits = self._forward(batch)
             embeddings.append(ops.convert_to_numpy(embedding))
             tags.append(ops.convert_to_numpy(ops.sigmoid(logits)))
         if not embeddings:

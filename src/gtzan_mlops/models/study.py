@@ -25,7 +25,7 @@ from gtzan_mlops.features import feature_sets
 from gtzan_mlops.models import zoo
 from gtzan_mlops.models.training_data import TrainingData
 from gtzan_mlops.settings.loading import ConfigError
-from gtzan_mlops.settings.schema import Choice, Settings, SpaceEntry, Train, Tuning
+from gtzan_mlops.settings.schema import Choice, IntRange, Settings, SpaceEntry, Train, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 @dataclass(frozen=True)
 class StudySettings:
     """What the study of one family runs with, from the typed settings: the family's section
-    (`train.<family>`: n_trials, defaults, space; on the demo set at most
-    `train.demo_max_trials` trials), the train section (seed, objective, refit_on,
-    pruner, optuna_storage), the worker processes and the MLflow experiment."""
+    (`train.<family>`: n_trials, defaults, space; on the demo set within `demo_budget`), the
+    train section (seed, objective, refit_on, pruner, optuna_storage), the worker processes and
+    the MLflow experiment."""
 
     family: str
     tuning: Tuning
@@ -50,13 +50,8 @@ class StudySettings:
         if family not in zoo.FAMILIES:
             raise ConfigError(f"unknown family {family!r}; known: {', '.join(zoo.FAMILIES)}")
         tuning: Tuning = getattr(settings.train, family)
-        cap = settings.train.demo_max_trials
-        if settings.data.source == "demo" and cap is not None and tuning.n_trials > cap:
-            log.info(
-                "%s: %d trials on the demo set, not train.%s.n_trials=%d (train.demo_max_trials)",
-                family, cap, family, tuning.n_trials,
-            )  # fmt: skip
-            tuning = tuning.model_copy(update={"n_trials": cap})
+        if settings.data.source == "demo":
+            tuning = demo_budget(tuning, settings.train, family)
         return cls(
             family=family,
             tuning=tuning,
@@ -73,6 +68,35 @@ class StudySettings:
     def objective_key(self) -> str:
         """The validation metric maximised: `valid_<train.objective>`."""
         return f"valid_{self.train.objective}"
+
+
+def demo_budget(tuning: Tuning, train: Train, family: str) -> Tuning:
+    """`tuning` within the demo set's own budget: at most `train.demo_max_trials` trials and
+    `train.demo_max_epochs` epochs (the Keras families' `epochs`, fixed or the top of its range).
+    The capped epochs are part of the space, so they name another study than the full budget."""
+    update: dict[str, Any] = {}
+    cap = train.demo_max_trials
+    if cap is not None and tuning.n_trials > cap:
+        log.info(
+            "%s: %d trials on the demo set, not train.%s.n_trials=%d (train.demo_max_trials)",
+            family, cap, family, tuning.n_trials,
+        )  # fmt: skip
+        update["n_trials"] = cap
+    epochs = tuning.space.get("epochs")
+    cap = train.demo_max_epochs
+    capped: SpaceEntry | None = None
+    if cap is not None and isinstance(epochs, IntRange) and epochs.high > cap:
+        capped = epochs.model_copy(update={"low": min(epochs.low, cap), "high": cap})
+    elif cap is not None and isinstance(epochs, int) and not isinstance(epochs, bool):
+        capped = cap if epochs > cap else None
+    if capped is not None:
+        log.info(
+            "%s: at most %d epochs on the demo set, not train.%s.space.epochs=%s "
+            "(train.demo_max_epochs)",
+            family, cap, family, epochs,
+        )  # fmt: skip
+        update["space"] = {**tuning.space, "epochs": capped}
+    return tuning.model_copy(update=update) if update else tuning
 
 
 def code_fingerprint() -> str:

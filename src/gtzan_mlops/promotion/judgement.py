@@ -10,11 +10,12 @@ from typing import Any
 
 from gtzan_mlops.promotion.champion import load_champion
 from gtzan_mlops.promotion.rule import (
+    NO_CHAMPION,
     BehaviourResult,
     Comparison,
     Decision,
+    apply_gate,
     decide_on_the_clips,
-    decide_promotion,
     leaked_clips,
 )
 from gtzan_mlops.promotion.served_evaluation import (
@@ -62,20 +63,19 @@ def judge(
         leaked = leaked_clips(
             champion.training_clips, {clip.track_id: clip.samples_sha256 for clip in clips.test}
         )
-    rule_arguments: dict[str, Any] = {
-        "comparison": comparison,
-        "min_improvement": promote.min_improvement,
-        "require_significant": promote.require_significant,
-        "leaked": leaked or (),
-        "same_classifier": champion is not None
+    decision = decide_on_the_clips(
+        comparison,
+        promote.min_improvement,
+        promote.require_significant,
+        leaked or (),
+        same_classifier=champion is not None
         and champion.version.tags.get("classifier_uri") == record["model_uri"],
-        **({"no_champion_reason": absent_reason} if absent_reason else {}),
-    }
+        no_champion_reason=absent_reason or NO_CHAMPION,
+    )
     behaviour = None
-    decision = decide_on_the_clips(**rule_arguments)
     if decision.promote:
         behaviour = check_behaviour(challenger, clips, ours, promote.behaviour)
-        decision = decide_promotion(behaviour, **rule_arguments)
+        decision = apply_gate(behaviour, decision)
     else:
         decision = dataclasses.replace(
             decision,

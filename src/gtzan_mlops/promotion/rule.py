@@ -33,6 +33,7 @@ from gtzan_mlops.evaluation.uncertainty import Interval
 # Scores are means over a few songs: two equal ones computed in another order can differ in the
 # last bits, and 0.85 - 0.80 < 0.05 in floating point. Differences within this are ties.
 SCORE_TOLERANCE = 1e-9
+NO_CHAMPION = "first model: there was no champion yet"
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,15 @@ def leaked_clips(
     return sorted(track for track, digest in test_hashes.items() if digest in champion_training)
 
 
+def apply_gate(behaviour: BehaviourResult, decision: Decision) -> Decision:
+    """Step 1 on what the clips decided: a challenger that fails the behavioural gate is not
+    promoted, whatever its score. The gate can only turn a yes into a no, so a no stands."""
+    failure = behaviour_failure(behaviour)
+    if decision.promote and failure:
+        return Decision(False, f"{failure}; not promoted", "behaviour")
+    return decision
+
+
 def behaviour_failure(behaviour: BehaviourResult) -> str | None:
     failed = behaviour.failed
     if not failed:
@@ -110,44 +120,20 @@ def behaviour_failure(behaviour: BehaviourResult) -> str | None:
     )
 
 
-def decide_promotion(
-    behaviour: BehaviourResult,
-    comparison: Comparison | None,
-    min_improvement: float,
-    require_significant: bool,
-    leaked: Sequence[str] | None = (),
-    same_classifier: bool = False,
-    no_champion_reason: str = "first model: there was no champion yet",
-) -> Decision:
-    """Whether the challenger takes the alias (see the module docstring for the rule).
-
-    `comparison` is None when there is no champion to compare with (`no_champion_reason` says
-    why); `leaked` lists the test clips the champion trained on.
-    """
-    failure = behaviour_failure(behaviour)
-    if failure:
-        return Decision(False, f"{failure}; not promoted", "behaviour")
-    return decide_on_the_clips(
-        comparison,
-        min_improvement,
-        require_significant,
-        leaked,
-        same_classifier,
-        no_champion_reason,
-    )
-
-
 def decide_on_the_clips(
     comparison: Comparison | None,
     min_improvement: float,
     require_significant: bool,
     leaked: Sequence[str] | None = (),
     same_classifier: bool = False,
-    no_champion_reason: str = "first model: there was no champion yet",
+    no_champion_reason: str = NO_CHAMPION,
 ) -> Decision:
     """The rule without the behavioural gate (steps 2 and 3): what the comparison with the
-    champion on the same clips decides. The gate can only turn a yes into a no, so a no here is
-    the decision whatever the behaviour."""
+    champion on the same clips decides (`apply_gate` then adds step 1 to a yes).
+
+    `comparison` is None when there is no champion to compare with (`no_champion_reason` says
+    why); `leaked` lists the test clips the champion trained on.
+    """
     if min_improvement < 0:
         raise ValueError("promote.min_improvement must not be negative")
     if comparison is None:

@@ -264,6 +264,7 @@ class Train(Section):
     optuna_storage: StrictStr | None
     pruner: Pruner
     demo_max_trials: Positive | None
+    demo_max_epochs: Positive | None
     naive_bayes: Tuning
     sgd: Tuning
     knn: Tuning
